@@ -1,0 +1,254 @@
+"""Experiment configuration: defaults for every key, YAML merge, ``KEY VALUE`` command-line overrides.
+
+Usage mirrors the original release (``--cfg file.yml MODEL.ARCH resnet50 EVAL.DATASET roxford5k``) but the
+config is plain data: a nested dict with attribute access, checked against :data:`DEFAULTS`, so an
+unknown key or a value of the wrong type is an error naming the key and the closest valid one.
+"""
+
+import argparse
+import copy
+import difflib
+import os
+
+import yaml
+
+from advbct.errors import UserError
+
+# Every key: (default, one-line description). Sections are nested dicts.
+DEFAULTS = {
+    "SEED": (1234, "global random seed (the original code uses 1234)"),
+    "OUTPUT": ("./output/run", "directory for checkpoints, logs, resolved config and results"),
+    "MODEL": {
+        "ARCH": ("resnet18", "torchvision backbone of the model being trained/evaluated"),
+        "EMB_DIM": (256, "embedding size (Linear no bias -> BatchNorm1d head)"),
+        "PRETRAINED": (True, "start from ImageNet weights (local file or torch hub cache; never downloaded)"),
+        "PRETRAINED_PATH": ("", "ImageNet weights file; empty = torch hub cache"),
+        "WEIGHTS": ("", "trained checkpoint to load (evaluation, fine-tuning); ours or the original format"),
+        "NUM_CLASSES": (0, "classifier outputs; 0 = max label of DATA.TRAIN_LIST + 1"),
+        "SYNC_BN": (True, "convert BatchNorm to SyncBatchNorm when training on several processes"),
+    },
+    "OLD_MODEL": {
+        "ARCH": ("resnet18", "backbone of the old model phi_o"),
+        "WEIGHTS": ("", "checkpoint of the trained old model (needed by every compatibility method)"),
+        "NUM_CLASSES": (0, "classes of the old model (old labels 0..N-1); 0 = read from its checkpoint"),
+    },
+    "NEW_MODEL": {
+        "ARCH": ("resnet18", "backbone of the new model in evaluation (scripts/test.sh)"),
+        "WEIGHTS": ("", "checkpoint of the new model in evaluation (scripts/test.sh)"),
+    },
+    "LOSS": {
+        "TYPE": ("softmax", "classification head: softmax | arcface | cosface"),
+        "SCALE": (30.0, "scale s of the margin heads"),
+        "MARGIN": (0.3, "margin m of the margin heads"),
+    },
+    "DATA": {
+        "TRAIN_LIST": ("", "training list file, lines 'relative/path label'"),
+        "ROOT": ("", "directory the paths of DATA.TRAIN_LIST are relative to"),
+        "IMG_SIZE": (224, "images are resized whole to IMG_SIZE x IMG_SIZE (no augmentation)"),
+        "NUM_WORKERS": (8, "DataLoader worker processes per rank"),
+    },
+    "META": {
+        "TRAIN_LIST": ("", "old model's training list, embedded by scripts/extract_meta.sh"),
+        "ROOT": ("", "directory the paths of META.TRAIN_LIST are relative to; empty = DATA.ROOT"),
+    },
+    "TRAIN": {
+        "EPOCHS": (30, "training epochs"),
+        "BATCH_SIZE": (256, "images per process (the paper: 256 x 4 GPUs)"),
+        "LR": (0.1, "SGD learning rate"),
+        "MOMENTUM": (0.9, "SGD momentum"),
+        "WEIGHT_DECAY": (5e-4, "SGD weight decay, on all parameters as the original"),
+        "LR_STEPS": ([5, 10, 20], "MultiStepLR milestones (epochs)"),
+        "LR_GAMMA": (0.1, "MultiStepLR factor"),
+        "AMP": ("none", "mixed precision: none | bf16 | fp16"),
+        "SAVE_FREQ": (5, "save a checkpoint every N epochs (last.pth is written every epoch)"),
+        "EVAL_FREQ": (0, "evaluate self/cross-test every N epochs; 0 = never during training"),
+        "PRINT_FREQ": (20, "log every N iterations"),
+        "RESUME": ("", "'' (fresh), 'auto' (OUTPUT/last.pth if present) or a checkpoint path"),
+        "MAX_ITERS_PER_EPOCH": (0, "cap iterations per epoch (smoke tests); 0 = full epoch"),
+    },
+    "COMP_LOSS": {
+        "TYPE": ("", "compatibility method: '' (none) | bct | lce | unibct | hot_refresh | advbct | l2"),
+        "WEIGHT": (1.0, "weight of the whole compatibility term"),
+        "META_PATH": ("", "old-class meta file (scripts/extract_meta.sh); needed by lce, unibct, advbct"),
+        "ELASTIC": (True, "advbct: learnable elastic boundary (False: fixed boundary ablation)"),
+        "FIXED_RADIUS": ("min", "advbct fixed-boundary ablation radius: min (original code) | max"),
+        "BOUNDARY": (True, "advbct: use the boundary term"),
+        "ADVERSARIAL": (True, "advbct: use the adversarial term"),
+        "THRESHOLD": (1.0, "advbct: threshold T of the elastic radius"),
+        "ADV_SCHEDULE": ("decay", "advbct: adversarial weight (E-e+1)/E ('decay', code) or 1 ('constant')"),
+        "DISC_HIDDEN": (100, "advbct: discriminator hidden units"),
+        "GRL_GAMMA": (10.0, "advbct: gradient reversal alpha = 2/(1+exp(-gamma p)) - 1"),
+        "LCE_VARIANT": ("benchmark", "lce: benchmark (angular boundary + alignment) | official"),
+        "LCE_ALIGN_WEIGHT": (1.0, "lce: weight of the alignment term (official LCE: 100)"),
+        "ARC_SCALE": (30.0, "unibct: ArcFace scale s"),
+        "ARC_MARGIN": (0.3, "unibct: ArcFace margin m"),
+        "TEMPERATURE": (0.01, "hot_refresh: InfoNCE temperature"),
+        "TOPK_NEG": (0, "hot_refresh: keep the k hardest negatives of each kind; 0 = all"),
+    },
+    "EVAL": {
+        "DATASET_TYPE": ("landmark", "task family (only 'landmark' is implemented)"),
+        "DATASET": ("roxford5k", "roxford5k | rparis6k | gldv2"),
+        "ROOT": ("./data/ROxfordParis", "dataset root (see Dataset.md)"),
+        "IMG_SIZE": (224, "evaluation images are resized whole to IMG_SIZE x IMG_SIZE"),
+        "BATCH_SIZE": (64, "images per extraction batch per process"),
+        "NUM_WORKERS": (4, "DataLoader worker processes per rank"),
+        "CROP_QUERY": (False, "crop queries to their bbx (revisitop standard; the original code does not)"),
+        "AMP": (False, "extract features under bf16 autocast"),
+        "GLDV2_SPLIT": ("private", "gldv2 query split: private | public"),
+        "BACKFILL": (False, "also compute the partial-backfilling curve"),
+        "BACKFILL_RATIOS": ([0.0, 0.25, 0.5, 0.75, 1.0], "fractions of gallery images re-embedded by the new model"),
+        "BACKFILL_SEED": (0, "seed of the random subset of refreshed gallery images"),
+        "SAVE_DIR": ("./output/eval", "where results.json is written"),
+    },
+}
+
+
+class Config(dict):
+    """A nested dict with attribute access (``cfg.MODEL.ARCH``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def to_dict(self):
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+
+def _defaults_to_config(spec):
+    return Config({k: _defaults_to_config(v) if isinstance(v, dict) else copy.deepcopy(v[0])
+                   for k, v in spec.items()})
+
+
+def all_keys(spec=DEFAULTS, prefix=""):
+    """Every full key name (``SECTION.KEY``) of the schema."""
+    out = []
+    for k, v in spec.items():
+        full = prefix + k
+        out.extend(all_keys(v, full + ".") if isinstance(v, dict) else [full])
+    return out
+
+
+def describe(spec=DEFAULTS, prefix=""):
+    """Lines ``KEY = default  # description`` for documentation and ``--help``."""
+    lines = []
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            lines.extend(describe(v, prefix + k + "."))
+        else:
+            lines.append(f"{prefix}{k} = {v[0]!r}  # {v[1]}")
+    return lines
+
+
+def _unknown_key(key, source):
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.0)
+    hint = f" (closest valid key: {close[0]})" if close else ""
+    return UserError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _lookup_spec(key, source):
+    node = DEFAULTS
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise _unknown_key(key, source)
+        node = node[part]
+    if isinstance(node, dict):
+        raise UserError(f"{source}: '{key}' is a section; set one of its keys, e.g. "
+                        f"{key}.{next(iter(node))}")
+    return node
+
+
+def _coerce(key, value, default, source):
+    """Check ``value`` against the type of ``default``; ints are accepted where floats are expected."""
+    want = type(default)
+    expected = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+                list: "a list"}[want]
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif want is str:
+        ok = isinstance(value, str)
+    else:  # list: elements must match the default's element type
+        ok = isinstance(value, (list, tuple))
+        if ok and default:
+            value = [_coerce(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        value = list(value) if ok else value
+    if not ok:
+        raise UserError(f"{source}: config key '{key}' expects {expected}, got {value!r}")
+    return value
+
+
+def _set(cfg, key, value, source):
+    default, _ = _lookup_spec(key, source)
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = _coerce(key, value, default, source)
+
+
+def _flatten(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + str(k) + ".")
+        else:
+            yield prefix + str(k), v
+
+
+def _parse_value(text):
+    """Parse a command-line value the way YAML would (``0.1``, ``true``, ``[5, 10]``); else a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if value is None else value
+
+
+def load_config(cfg_file=None, overrides=()):
+    """Defaults, then ``cfg_file`` (YAML), then ``KEY VALUE`` pairs from ``overrides``."""
+    cfg = _defaults_to_config(DEFAULTS)
+    if cfg_file:
+        if not os.path.isfile(cfg_file):
+            raise UserError(f"config file not found: {cfg_file}")
+        try:
+            with open(cfg_file) as f:
+                tree = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise UserError(f"{cfg_file}: not valid YAML ({first})") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{cfg_file}: expected a mapping of config sections at the top level")
+        for key, value in _flatten(tree):
+            _set(cfg, key, value, cfg_file)
+    overrides = list(overrides)
+    if len(overrides) % 2:
+        raise UserError(f"command line: overrides come in KEY VALUE pairs; '{overrides[-1]}' has no value")
+    for key, text in zip(overrides[::2], overrides[1::2]):
+        _set(cfg, key, _parse_value(text), "command line")
+    return cfg
+
+
+def save_config(cfg, path):
+    """Write the resolved config as YAML (atomically) next to a run's outputs."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def add_config_arguments(parser):
+    """The original's command-line shape: ``--cfg FILE`` then free ``KEY VALUE`` pairs."""
+    parser.add_argument("--cfg", default=None, help="YAML experiment config")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY VALUE overrides, e.g. MODEL.ARCH resnet50")
+    return parser

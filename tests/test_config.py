@@ -1,0 +1,99 @@
+"""Config: defaults, YAML merge, KEY VALUE overrides, and errors that name the key."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from advbct.config import DEFAULTS, all_keys, describe, load_config, save_config
+from advbct.errors import UserError
+
+
+def test_defaults_match_paper_hyper_parameters():
+    cfg = load_config()
+    assert cfg.TRAIN.LR == 0.1 and cfg.TRAIN.MOMENTUM == 0.9 and cfg.TRAIN.WEIGHT_DECAY == 5e-4
+    assert cfg.TRAIN.LR_STEPS == [5, 10, 20] and cfg.TRAIN.LR_GAMMA == 0.1 and cfg.TRAIN.EPOCHS == 30
+    assert cfg.MODEL.EMB_DIM == 256 and cfg.SEED == 1234 and cfg.COMP_LOSS.THRESHOLD == 1.0
+    assert cfg.EVAL.CROP_QUERY is False and cfg.COMP_LOSS.TEMPERATURE == 0.01
+
+
+def test_every_key_has_a_description():
+    lines = describe()
+    assert len(lines) == len(all_keys())
+    assert all("  # " in line and not line.endswith("# ") for line in lines)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yml"
+    f.write_text(textwrap.dedent("""
+        MODEL: {ARCH: resnet50}
+        TRAIN: {LR: 1, LR_STEPS: [2, 4]}
+        COMP_LOSS: {TYPE: advbct}
+    """))
+    cfg = load_config(str(f), ["MODEL.ARCH", "resnet18", "TRAIN.EPOCHS", "3", "EVAL.CROP_QUERY", "true",
+                               "COMP_LOSS.THRESHOLD", "0.8", "EVAL.BACKFILL_RATIOS", "[0, 0.5, 1]"])
+    assert cfg.MODEL.ARCH == "resnet18"          # CLI wins over YAML
+    assert cfg.TRAIN.LR == 1.0 and isinstance(cfg.TRAIN.LR, float)   # int accepted for a float key
+    assert cfg.TRAIN.LR_STEPS == [2, 4] and cfg.TRAIN.EPOCHS == 3
+    assert cfg.EVAL.CROP_QUERY is True and cfg.COMP_LOSS.THRESHOLD == 0.8
+    assert cfg.EVAL.BACKFILL_RATIOS == [0.0, 0.5, 1.0]
+    assert cfg.COMP_LOSS.TYPE == "advbct"
+    # the defaults themselves are untouched by a load
+    assert load_config().MODEL.ARCH == DEFAULTS["MODEL"]["ARCH"][0]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["MODEL.ARHC", "resnet50"], "closest valid key: MODEL.ARCH"),
+    (["TRAIN.EPOCH", "3"], "closest valid key: TRAIN.EPOCHS"),
+    (["TRAIN.EPOCHS", "three"], "'TRAIN.EPOCHS' expects an integer"),
+    (["TRAIN.EPOCHS", "2.5"], "'TRAIN.EPOCHS' expects an integer"),
+    (["EVAL.CROP_QUERY", "1"], "'EVAL.CROP_QUERY' expects true/false"),
+    (["TRAIN.LR_STEPS", "[1, x]"], "'TRAIN.LR_STEPS[1]' expects an integer"),
+    (["MODEL", "x"], "'MODEL' is a section"),
+    (["MODEL.ARCH"], "has no value"),
+])
+def test_bad_overrides_name_the_key(overrides, needle):
+    with pytest.raises(UserError) as info:
+        load_config(None, overrides)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_key_names_file_and_closest(tmp_path):
+    f = tmp_path / "bad.yml"
+    f.write_text("COMP_LOSS:\n  THRESHOLDS: 0.5\n")
+    with pytest.raises(UserError) as info:
+        load_config(str(f))
+    msg = str(info.value)
+    assert str(f) in msg and "COMP_LOSS.THRESHOLDS" in msg and "COMP_LOSS.THRESHOLD" in msg
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yml"))
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config(None, ["MODEL.ARCH", "resnet50", "COMP_LOSS.TYPE", "bct"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, str(path))
+    assert load_config(str(path)) == cfg
+    assert yaml.safe_load(path.read_text())["MODEL"]["ARCH"] == "resnet50"
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+
+
+def test_repo_configs_are_valid():
+    """Every YAML under configs/ loads against the schema."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yml"))
+    for f in files:
+        load_config(str(f))
+
+
+def test_guarded_entry_point_prints_one_line(tmp_path):
+    code = ("from advbct.cli import guarded\nfrom advbct.config import load_config\n"
+            "guarded(lambda: load_config(None, ['MODEL.ARHC', 'x']))()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: command line: unknown config key 'MODEL.ARHC'")
