@@ -1,0 +1,144 @@
+"""Backbones: torchvision classification networks with the final classifier removed.
+
+The paper uses ImageNet-pretrained ResNet-18/50 with global average pooling (PAPER.md "Model (code)");
+any torchvision classifier whose last layer is a ``Linear`` works the same way. Pretrained weights are
+read from a local file (``weights_path``) or the torch hub cache; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from advbct.errors import UserError
+
+__all__ = ["available_archs", "build_backbone", "default_weights_file"]
+
+# torchvision classifiers that do not fit "features -> final Linear": auxiliary outputs in training
+# mode, or a convolutional classifier.
+_UNSUPPORTED = {
+    "googlenet": "returns auxiliary logits in training mode",
+    "inception_v3": "returns auxiliary logits in training mode",
+    "squeezenet1_0": "has a convolutional classifier",
+    "squeezenet1_1": "has a convolutional classifier",
+}
+# Attribute names torchvision uses for the final classifier (ResNet/RegNet/ShuffleNet: fc;
+# EfficientNet/MobileNet/ConvNeXt/DenseNet/VGG/MNASNet/MaxViT: classifier; Swin: head; ViT: heads).
+_HEAD_ATTRS = ("fc", "classifier", "head", "heads")
+# Old DenseNet checkpoints name layers "norm.1" where the modules are now "norm1" (torchvision's format).
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def available_archs() -> list[str]:
+    """Names accepted by :func:`build_backbone` (torchvision classification models)."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(n for n in names if n not in _UNSUPPORTED)
+
+
+def _check_arch(arch: str) -> str:
+    name = str(arch).strip().lower()
+    if name in _UNSUPPORTED:
+        raise UserError(f"backbone '{arch}' is not supported: it {_UNSUPPORTED[name]}")
+    valid = available_archs()
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown backbone '{arch}'{hint}; valid: {', '.join(valid)}")
+    return name
+
+
+def default_weights_file(arch: str) -> tuple[str, str]:
+    """(path in the torch hub cache, download URL) of torchvision's default ImageNet weights for ``arch``."""
+    name = _check_arch(arch)
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    filename = os.path.basename(urlparse(url).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", filename), url
+
+
+def _strip_classifier(model: nn.Module, arch: str) -> int:
+    """Replace the final Linear classifier by Identity in place; return its input width (feature dim)."""
+    for attr in _HEAD_ATTRS:
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return head.in_features
+        if isinstance(head, nn.Sequential) and len(head) > 0:
+            last_name, last = list(head.named_children())[-1]
+            if isinstance(last, nn.Linear):
+                setattr(head, last_name, nn.Identity())
+                return last.in_features
+    raise UserError(f"backbone '{arch}': no final Linear classifier found to remove")
+
+
+def _read_weights(path: str) -> dict:
+    # Local import: checkpoint.py does not depend on this module, so no import cycle.
+    from advbct.models.checkpoint import load_checkpoint
+
+    obj = load_checkpoint(path)
+    for key in ("state_dict", "model"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a state dict of tensors (torchvision weights file)")
+    keys = list(obj)
+    if all(k.startswith("module.") for k in keys):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _load_pretrained(model: nn.Module, arch: str, path: str) -> None:
+    state = _read_weights(path)
+    if arch.startswith("densenet"):
+        state = {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: weights do not match torchvision '{arch}': missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise UserError(
+                f"{path}: weights do not match torchvision '{arch}': {key} has shape "
+                f"{tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+
+
+def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None = None):
+    """Build torchvision ``arch`` without its classifier; returns ``(module, out_dim)``.
+
+    The module maps images (B, 3, H, W) to pooled features (B, out_dim). Weights: ``weights_path`` when
+    given (any non-empty path is loaded, whatever ``pretrained`` says), else with ``pretrained`` the
+    default ImageNet file from the torch hub cache; a missing file is a :class:`UserError`, never a
+    download and never a silent random init.
+    """
+    name = _check_arch(arch)
+    model = torchvision.models.get_model(name, weights=None)
+    path = os.fspath(weights_path) if weights_path else None
+    if path is not None:
+        if not os.path.isfile(path):
+            raise UserError(f"pretrained weights file not found: {path}")
+        _load_pretrained(model, name, path)
+    elif pretrained:
+        path, url = default_weights_file(name)
+        if not os.path.isfile(path):
+            raise UserError(
+                f"ImageNet weights for '{name}' not found: put {os.path.basename(path)} "
+                f"(from {url}) at {path}, or give its path as weights_path; nothing is downloaded"
+            )
+        _load_pretrained(model, name, path)
+    out_dim = _strip_classifier(model, name)
+    return model, out_dim

@@ -1,0 +1,73 @@
+"""The retrieval model: backbone -> embedding head (-> optional classifier), built from a few names."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from advbct.models.backbones import build_backbone
+from advbct.models.heads import EmbeddingHead, build_classifier
+
+__all__ = ["RetrievalModel", "build_model"]
+
+
+class RetrievalModel(nn.Module):
+    """Backbone features -> 256-d embedding (-> class logits while training).
+
+    ``forward`` returns a dict so one call touches every parameter used in training (what DDP needs):
+    ``feat`` is the un-normalised embedding (B, D); ``logits`` (B, C) is present when a classifier exists.
+    """
+
+    def __init__(self, backbone: nn.Module, embedding_head: EmbeddingHead, classifier: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.embedding = embedding_head
+        self.classifier = classifier
+        # Plain description of how the model was built (set by build_model), for checkpoint configs.
+        self.spec: dict = {}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-normalised embedding only (feature extraction; skips the classifier)."""
+        return self.embedding(self.backbone(images))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        feat = self.embed(images)
+        out = {"feat": feat}
+        if self.classifier is not None:
+            out["logits"] = self.classifier(feat, labels)
+        return out
+
+    @property
+    def embed_dim(self) -> int:
+        return self.embedding.fc.out_features
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.classifier is None else int(self.classifier.weight.shape[0])
+
+
+def build_model(
+    arch: str,
+    embed_dim: int = 256,
+    num_classes: int = 0,
+    classifier: str = "softmax",
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    scale: float = 30.0,
+    margin: float = 0.3,
+) -> RetrievalModel:
+    """Backbone ``arch`` + EmbeddingHead(embed_dim) + classifier head (none when ``num_classes`` is 0)."""
+    backbone, out_dim = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
+    head = EmbeddingHead(out_dim, embed_dim)
+    cls = build_classifier(classifier, embed_dim, num_classes, scale=scale, margin=margin) if num_classes else None
+    model = RetrievalModel(backbone, head, cls)
+    model.spec = {
+        "arch": str(arch).strip().lower(),
+        "embed_dim": int(embed_dim),
+        "num_classes": int(num_classes),
+        "classifier": str(classifier).strip().lower() if num_classes else None,
+        "scale": float(scale),
+        "margin": float(margin),
+        "backbone_dim": int(out_dim),
+    }
+    return model
