@@ -103,6 +103,9 @@ DEFAULTS = {
 }
 
 
+BASE_KEY = "_BASE_"  # a config may name base files (a path or a list), merged first in order
+
+
 class Config(dict):
     """A nested dict with attribute access (``cfg.MODEL.ARCH``)."""
 
@@ -213,22 +216,34 @@ def _parse_value(text):
     return text if value is None else value
 
 
+def _merge_file(cfg, cfg_file, chain):
+    """Merge ``cfg_file`` into ``cfg``, after the files its ``_BASE_`` names (paths relative to it)."""
+    if not os.path.isfile(cfg_file):
+        where = f" (named by _BASE_ in {chain[-1]})" if chain else ""
+        raise UserError(f"config file not found: {cfg_file}{where}")
+    real = os.path.realpath(cfg_file)
+    if real in chain:
+        raise UserError(f"{cfg_file}: _BASE_ cycle ({' -> '.join(chain + (real,))})")
+    try:
+        with open(cfg_file) as f:
+            tree = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{cfg_file}: not valid YAML ({first})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{cfg_file}: expected a mapping of config sections at the top level")
+    bases = tree.pop(BASE_KEY, [])
+    for base in [bases] if isinstance(bases, str) else bases:
+        _merge_file(cfg, os.path.join(os.path.dirname(cfg_file), base), chain + (real,))
+    for key, value in _flatten(tree):
+        _set(cfg, key, value, cfg_file)
+
+
 def load_config(cfg_file=None, overrides=()):
     """Defaults, then ``cfg_file`` (YAML), then ``KEY VALUE`` pairs from ``overrides``."""
     cfg = _defaults_to_config(DEFAULTS)
     if cfg_file:
-        if not os.path.isfile(cfg_file):
-            raise UserError(f"config file not found: {cfg_file}")
-        try:
-            with open(cfg_file) as f:
-                tree = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0]
-            raise UserError(f"{cfg_file}: not valid YAML ({first})") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"{cfg_file}: expected a mapping of config sections at the top level")
-        for key, value in _flatten(tree):
-            _set(cfg, key, value, cfg_file)
+        _merge_file(cfg, cfg_file, ())
     overrides = list(overrides)
     if len(overrides) % 2:
         raise UserError(f"command line: overrides come in KEY VALUE pairs; '{overrides[-1]}' has no value")

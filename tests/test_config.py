@@ -97,3 +97,20 @@ def test_guarded_entry_point_prints_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: command line: unknown config key 'MODEL.ARHC'")
+
+
+def test_base_files_merge_in_order_and_cycles_are_errors(tmp_path):
+    (tmp_path / "a.yml").write_text("TRAIN: {EPOCHS: 7, LR: 0.5}\nMODEL: {ARCH: resnet50}\n")
+    (tmp_path / "b.yml").write_text("_BASE_: a.yml\nTRAIN: {EPOCHS: 9}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "c.yml").write_text("_BASE_: [../b.yml]\nCOMP_LOSS: {TYPE: advbct}\n")
+    cfg = load_config(str(sub / "c.yml"))
+    assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.LR, cfg.MODEL.ARCH, cfg.COMP_LOSS.TYPE) == (9, 0.5, "resnet50", "advbct")
+    (tmp_path / "x.yml").write_text("_BASE_: y.yml\n")
+    (tmp_path / "y.yml").write_text("_BASE_: x.yml\n")
+    with pytest.raises(UserError, match="_BASE_ cycle"):
+        load_config(str(tmp_path / "x.yml"))
+    (tmp_path / "z.yml").write_text("_BASE_: nowhere.yml\n")
+    with pytest.raises(UserError, match="nowhere.yml.*named by _BASE_"):
+        load_config(str(tmp_path / "z.yml"))
