@@ -1,0 +1,50 @@
+"""The AdvBCT compatibility term: elastic boundary + weighted adversarial loss (PAPER.md "AdvBCT loss")."""
+
+from __future__ import annotations
+
+import torch
+
+from advbct.errors import UserError
+from advbct.losses.adversarial import AdversarialLoss, adversarial_weight, check_schedule
+from advbct.losses.base import CompatibilityLoss
+from advbct.losses.elastic_boundary import ElasticBoundaryLoss
+from advbct.meta import ClassMeta
+
+
+class AdvBCTLoss(CompatibilityLoss):
+    """L_EB + w(e)·L_adv (the trainer adds L_cls); either part can be switched off for ablations.
+
+    Owns learnable parameters (the elastic w_k and the discriminator): the trainer must optimise
+    them together with the new model. Diagnostics: boundary, adversarial, violation_rate, disc_acc,
+    alpha and adv_weight (the last two are CPU scalars: they are Python numbers of the schedule).
+    """
+
+    def __init__(self, *, embed_dim: int, num_old_classes: int, total_epochs: int, meta: ClassMeta | None = None,
+                 boundary: bool = True, adversarial: bool = True, elastic: bool = True, fixed_radius: str = "min",
+                 threshold: float = 1.0, schedule: str = "decay", disc_hidden: int = 100, gamma: float = 10.0,
+                 weight: float = 1.0):
+        super().__init__(num_old_classes, weight)
+        if not (boundary or adversarial):
+            raise UserError("COMP_LOSS.BOUNDARY and COMP_LOSS.ADVERSARIAL are both False: advbct would add nothing")
+        if total_epochs < 1:
+            raise UserError(f"TRAIN.EPOCHS {total_epochs}: expected ≥ 1")
+        self.total_epochs = int(total_epochs)
+        self.schedule = check_schedule(schedule)
+        self.needs_meta = bool(boundary)
+        self.boundary = (ElasticBoundaryLoss(meta, num_old_classes, threshold=threshold, elastic=elastic,
+                                             fixed_radius=fixed_radius) if boundary else None)
+        self.adversarial = AdversarialLoss(embed_dim, disc_hidden, gamma) if adversarial else None
+
+    def compute(self, feat_new, feat_old, labels, *, new_classifier_weight, progress, epoch):
+        diagnostics = {}
+        term = feat_new.new_zeros(())
+        if self.boundary is not None:
+            eb, diag = self.boundary(feat_new, labels)
+            term = term + eb
+            diagnostics.update(boundary=eb, **diag)
+        if self.adversarial is not None:
+            adv, diag, alpha = self.adversarial(feat_new, feat_old, progress)
+            w = adversarial_weight(epoch, self.total_epochs, self.schedule)
+            term = term + w * adv
+            diagnostics.update(adversarial=adv, alpha=torch.tensor(alpha), adv_weight=torch.tensor(w), **diag)
+        return term, diagnostics
