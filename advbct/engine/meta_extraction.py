@@ -1,0 +1,39 @@
+"""Embed the old model's training list with the frozen old model and write the class meta file."""
+
+import os
+
+import torch
+
+from advbct import distributed as dist
+from advbct.data.image_list import ImageListDataset, read_image_list
+from advbct.data.transforms import eval_transform
+from advbct.engine.builders import checkpoint_shapes, load_trained_model
+from advbct.errors import UserError
+from advbct.evaluation.features import extract_features
+from advbct.meta import compute_meta, save_meta
+
+
+def extract_meta(cfg, progress=True):
+    """Features of META.TRAIN_LIST by OLD_MODEL -> per-class centers and radii -> COMP_LOSS.META_PATH."""
+    out = cfg.COMP_LOSS.META_PATH
+    if not out:
+        raise UserError("COMP_LOSS.META_PATH is empty: where should the meta file be written?")
+    if not cfg.META.TRAIN_LIST:
+        raise UserError("META.TRAIN_LIST is empty: give the old model's training list")
+    _, _, device = dist.init_distributed()
+    _, old_classes = checkpoint_shapes(cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS")
+    num_classes = cfg.OLD_MODEL.NUM_CLASSES or old_classes or None
+    paths, labels = read_image_list(cfg.META.TRAIN_LIST, root=cfg.META.ROOT or cfg.DATA.ROOT,
+                                    num_classes=num_classes)
+    num_classes = num_classes or int(labels.max()) + 1
+    model = load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
+    dataset = ImageListDataset(paths, labels, transform=eval_transform(cfg.DATA.IMG_SIZE))
+    feats = extract_features(model, dataset, batch_size=cfg.EVAL.BATCH_SIZE,
+                             num_workers=cfg.EVAL.NUM_WORKERS, device=device, amp=cfg.EVAL.AMP,
+                             desc="embed old training set", progress=progress)
+    meta = compute_meta(feats, torch.as_tensor(labels), num_classes)
+    if dist.is_main_process():
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        save_meta(out, meta)
+    dist.barrier()
+    return meta

@@ -1,0 +1,47 @@
+"""Assemble ``results.json`` files (scripts/test.sh) into one block of the paper's table schema."""
+
+import json
+import os
+
+from advbct.errors import UserError
+from advbct.evaluation.protocol import headline
+
+PAPER_ORDER = ("rparis6k", "roxford5k", "gldv2")
+
+
+def read_results(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: results file not found (run scripts/test.sh first)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _row(result_dirs, datasets, keys, source):
+    row = {}
+    for key, name in keys:
+        values = []
+        for d in datasets:
+            path = os.path.join(result_dirs, d, "results.json")
+            h = headline(read_results(path))
+            if key not in h:
+                raise UserError(f"{path}: no {key} result (was the old model given to scripts/test.sh?)")
+            values.append(round(h[key], 4))
+        row[name] = values
+    return row
+
+
+def collect_block(independent_dir, methods, datasets=PAPER_ORDER, description=""):
+    """A table dict: ``old.self`` and ``independent`` from φ*'s results, one row per ``methods`` entry.
+
+    Every directory holds ``<dataset>/results.json``; each result carries the old model's self-test.
+    """
+    datasets = list(datasets)
+    block = {"description": description,
+             "old": _row(independent_dir, datasets, [("old_self", "self")], "old"),
+             "independent": _row(independent_dir, datasets, [("self", "self"), ("cross", "cross")], "φ*"),
+             "methods": {name: _row(d, datasets, [("self", "self"), ("cross", "cross")], name)
+                         for name, d in methods.items()}}
+    return {"datasets": datasets, "blocks": {"block": block}}

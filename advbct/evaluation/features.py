@@ -1,0 +1,51 @@
+"""Batched, rank-sharded feature extraction.
+
+Each rank embeds one contiguous shard of the dataset; the shards are gathered in rank order, so every
+rank ends with the features of the whole dataset in dataset order (no ``.npy`` round trip, no
+rank-0-only evaluation as in the original release).
+"""
+
+import contextlib
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from advbct import distributed as dist
+
+
+def shard_bounds(n: int, rank: int, world: int):
+    """Contiguous ``[start, end)`` of ``n`` items for ``rank``; shard sizes differ by at most one."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@torch.no_grad()
+def extract_features(model, dataset, *, batch_size=64, num_workers=4, device=None, amp=False,
+                     desc="extract", progress=True):
+    """Embed every item of ``dataset`` with ``model``; return a float32 CPU tensor ``(len(dataset), D)``.
+
+    ``dataset[i]`` yields ``(image, label, index)``; ``model(images)["feat"]`` is the (un-normalised)
+    embedding. ``amp`` runs the forward under bf16 autocast. Works unchanged on 1 or N ranks.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, end = shard_bounds(len(dataset), rank, world)
+    loader = DataLoader(Subset(dataset, range(start, end)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    was_training = model.training
+    model.eval()
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp
+                else contextlib.nullcontext())
+    chunks = []
+    bar = tqdm(loader, desc=desc, disable=not (progress and dist.is_main_process()), leave=False)
+    with autocast:
+        for images, _, _ in bar:
+            feat = model(images.to(device, non_blocking=True))["feat"]
+            chunks.append(feat.float())
+    model.train(was_training)
+    dim = model.embed_dim
+    local = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=device)
+    return dist.all_gather_variable(local).cpu()

@@ -1,0 +1,157 @@
+"""The compatibility protocol: self-test, cross-test and the partial-backfilling curve.
+
+self-test: queries and gallery embedded by the same model; cross-test: queries by the new model,
+gallery by the old one (PAPER.md "Protocol"). Metrics: revisited Easy/Medium/Hard mAP and mP@k for
+ROxford5k/RParis6k, mAP@100 for GLDv2.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from advbct.data.gldv2 import load_gldv2_test
+from advbct.data.image_list import ImageListDataset
+from advbct.data.revisited import load_revisited
+from advbct.data.transforms import eval_transform
+from advbct.errors import UserError
+from advbct.evaluation.features import extract_features
+from advbct.evaluation.metrics import gldv2_map_at_k, revisited_ranking_metrics
+from advbct.evaluation.search import knn_search
+
+REVISITED = ("roxford5k", "rparis6k")
+DATASETS = REVISITED + ("gldv2",)
+GLDV2_TOPK = 100
+
+
+@dataclass
+class TestSet:
+    """Query and gallery image paths with their ground truth, whatever the on-disk format."""
+
+    name: str
+    query_paths: list
+    gallery_paths: list
+    ground_truth: list          # revisited: per-query gnd dicts; gldv2: per-query index arrays
+    query_boxes: object = None  # (n_query, 4) bbx for revisited queries
+
+    @property
+    def is_revisited(self):
+        return self.name in REVISITED
+
+
+def load_test_set(name, root, gldv2_split="private", check_images=True):
+    """Read a test set in its real format (see Dataset.md); ``check_images=False`` reads ground truth only."""
+    if name in REVISITED:
+        ds = load_revisited(root, name, check_images=check_images)
+        return TestSet(name, list(ds.query_paths), list(ds.gallery_paths), ds.gnd, ds.query_bbx)
+    if name == "gldv2":
+        ds = load_gldv2_test(root, split=gldv2_split, check_images=check_images)
+        return TestSet(name, ds.query_paths.tolist(), ds.gallery_paths.tolist(), ds.gt)
+    raise UserError(f"EVAL.DATASET: unknown test set '{name}' (expected one of {', '.join(DATASETS)})")
+
+
+def image_datasets(test_set, img_size, crop_query=False):
+    """Query and gallery datasets; queries cropped to their bbx only when ``crop_query``."""
+    tf = eval_transform(img_size)
+    boxes = test_set.query_boxes if (crop_query and test_set.is_revisited) else None
+    return (ImageListDataset(test_set.query_paths, transform=tf, boxes=boxes),
+            ImageListDataset(test_set.gallery_paths, transform=tf))
+
+
+def check_features(test_set, query, gallery, source="features"):
+    """Row counts, matching dimensions and finiteness, before any search."""
+    nq, ng = len(test_set.query_paths), len(test_set.gallery_paths)
+    for what, arr, n in (("query", query, nq), ("gallery", gallery, ng)):
+        if arr.ndim != 2:
+            raise UserError(f"{source}: {what} features must be 2-D (rows x dims), got shape {tuple(arr.shape)}")
+        if arr.shape[0] != n:
+            raise UserError(f"{source}: {what} features have {arr.shape[0]} rows but {test_set.name} has "
+                            f"{n} {what} images (rows must follow the dataset's {what} order)")
+        if not np.isfinite(arr).all():
+            raise UserError(f"{source}: {what} features contain NaN or inf")
+    if query.shape[1] != gallery.shape[1]:
+        raise UserError(f"{source}: query features are {query.shape[1]}-d but gallery features "
+                        f"{gallery.shape[1]}-d")
+
+
+def score(test_set, query, gallery):
+    """Metrics of one query/gallery feature pair, in percent."""
+    query, gallery = _numpy(query), _numpy(gallery)
+    check_features(test_set, query, gallery)
+    if test_set.is_revisited:
+        _, ranks = knn_search(query, gallery, k=None)
+        metrics = revisited_ranking_metrics(ranks, test_set.ground_truth)
+        metrics.pop("per_query_ap", None)
+        return metrics
+    _, ranks = knn_search(query, gallery, k=min(GLDV2_TOPK, gallery.shape[0]))
+    return {"mAP@100": gldv2_map_at_k(ranks, test_set.ground_truth, k=GLDV2_TOPK)}
+
+
+def headline_value(metrics):
+    """The number the paper's table reports: Medium mAP (revisited) or mAP@100 (GLDv2)."""
+    return metrics["mAP"]["medium"] if "mAP" in metrics else metrics["mAP@100"]
+
+
+def backfill_gallery(new_gallery, old_gallery, ratio, seed=0):
+    """Gallery with a seeded random ``ratio`` of its *images* re-embedded by the new model.
+
+    One permutation per seed and the first ``round(ratio * n)`` images refreshed, so the refreshed
+    sets are nested as the ratio grows; ratio 0 is the old gallery, ratio 1 the new one.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"EVAL.BACKFILL_RATIOS: ratio {ratio} is outside [0, 1]")
+    n = old_gallery.shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    refreshed = order[: int(round(ratio * n))]
+    mixed = np.array(old_gallery, dtype=np.float32, copy=True)
+    mixed[refreshed] = np.asarray(new_gallery, dtype=np.float32)[refreshed]
+    return mixed
+
+
+def backfill_curve(test_set, new_query, new_gallery, old_gallery, ratios, seed=0):
+    """Headline metric per refresh ratio (queries always by the new model)."""
+    values = [headline_value(score(test_set, new_query, backfill_gallery(new_gallery, old_gallery, r, seed)))
+              for r in ratios]
+    return {"ratios": [float(r) for r in ratios], "values": values,
+            "metric": "mAP medium" if test_set.is_revisited else "mAP@100"}
+
+
+def _numpy(x):
+    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+
+
+def embed_test_set(model, test_set, cfg, progress=True, tag="model"):
+    """Query and gallery features of ``model`` (sharded over ranks, gathered)."""
+    q_ds, g_ds = image_datasets(test_set, cfg.EVAL.IMG_SIZE, cfg.EVAL.CROP_QUERY)
+    kw = dict(batch_size=cfg.EVAL.BATCH_SIZE, num_workers=cfg.EVAL.NUM_WORKERS, amp=cfg.EVAL.AMP,
+              progress=progress)
+    q = extract_features(model, q_ds, desc=f"{tag} queries", **kw)
+    g = extract_features(model, g_ds, desc=f"{tag} gallery", **kw)
+    return q.numpy(), g.numpy()
+
+
+def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
+    """Self-test of ``new_model`` and, with ``old_model``, cross-test, old self-test and backfilling."""
+    test_set = test_set or load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
+    if old_model is not None and old_model.embed_dim != new_model.embed_dim:
+        raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "
+                        f"{new_model.embed_dim}: cross-test needs the same embedding size")
+    new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
+    result = {"dataset": test_set.name, "self_test": score(test_set, new_q, new_g)}
+    if old_model is not None:
+        old_q, old_g = embed_test_set(old_model, test_set, cfg, progress, "old")
+        result["cross_test"] = score(test_set, new_q, old_g)
+        result["old_self_test"] = score(test_set, old_q, old_g)
+        if cfg.EVAL.BACKFILL:
+            result["backfill"] = backfill_curve(test_set, new_q, new_g, old_g, cfg.EVAL.BACKFILL_RATIOS,
+                                                cfg.EVAL.BACKFILL_SEED)
+    return result
+
+
+def headline(result):
+    """Flat ``{"self": x, "cross": y, "old_self": z}`` of the headline metric, for logs and tables."""
+    out = {}
+    for key, name in (("self_test", "self"), ("cross_test", "cross"), ("old_self_test", "old_self")):
+        if key in result:
+            out[name] = headline_value(result[key])
+    return out

@@ -1,0 +1,46 @@
+"""Benchmarks whose figures go into docs/BENCHMARKS.md (never timed assertions in tests).
+
+    python tools/benchmark.py {metrics,search,extraction,losses,training} [options] [--json OUT.json]
+"""
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmarks/ as a package
+
+SUITES = ("metrics", "search", "extraction", "losses", "training")
+
+
+def machine():
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="suite", required=True)
+    for name in SUITES:
+        module = importlib.import_module(f"benchmarks.{name}")
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+        p.add_argument("--json", default=None, help="write the figures to this JSON file")
+        p.set_defaults(module=module)
+    args = parser.parse_args(argv)
+    result = args.module.run(args)
+    print(json.dumps({"machine": machine(), args.suite: result}, indent=1))
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Turn per-model evaluation folders (``<dir>/<dataset>/results.json``) into a table JSON.
+
+    python tools/collect_results.py --independent output/demo/eval/independent \
+        --method AdvBCT=output/demo/eval/advbct --block class --out output/demo/table.json
+"""
+
+import argparse
+
+from advbct.cli import guarded
+from advbct.errors import UserError
+from advbct.evaluation.collect import PAPER_ORDER, collect_block
+from advbct.evaluation.reporting import fill_scores, render_markdown, write_json_atomic
+
+
+@guarded
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--independent", required=True, help="evaluation folder of φ* (also gives old self-test)")
+    p.add_argument("--method", action="append", default=[], help="NAME=FOLDER, repeatable")
+    p.add_argument("--datasets", nargs="+", default=list(PAPER_ORDER))
+    p.add_argument("--block", default="block", help="block name in the table")
+    p.add_argument("--description", default="")
+    p.add_argument("--out", required=True, help="table JSON to write (schema of paper_table.json)")
+    p.add_argument("--markdown", default=None, help="also write the markdown table here")
+    args = p.parse_args(argv)
+    methods = {}
+    for item in args.method:
+        if "=" not in item:
+            raise UserError(f"--method expects NAME=FOLDER, got '{item}'")
+        name, folder = item.split("=", 1)
+        methods[name] = folder
+    table = collect_block(args.independent, methods, args.datasets, args.description)
+    table["blocks"] = {args.block: table["blocks"]["block"]}
+    table = fill_scores(table, source=args.out)
+    write_json_atomic(args.out, table)
+    md = render_markdown(table)
+    if args.markdown:
+        from advbct.evaluation.reporting import write_text_atomic
+        write_text_atomic(args.markdown, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
