@@ -8,8 +8,8 @@ import argparse
 
 from advbct.cli import guarded
 from advbct.errors import UserError
-from advbct.evaluation.collect import PAPER_ORDER, collect_block
-from advbct.evaluation.reporting import fill_scores, render_markdown, write_json_atomic
+from advbct.evaluation.collect import PAPER_ORDER, collect_block, criterion_report
+from advbct.evaluation.reporting import fill_scores, load_table, render_markdown, write_json_atomic
 
 
 @guarded
@@ -22,6 +22,9 @@ def main(argv=None):
     p.add_argument("--description", default="")
     p.add_argument("--out", required=True, help="table JSON to write (schema of paper_table.json)")
     p.add_argument("--markdown", default=None, help="also write the markdown table here")
+    p.add_argument("--reference", default=None, help="a table JSON (e.g. the paper's) shown beside ours")
+    p.add_argument("--criterion", action="store_true",
+                   help="also say whether each method's cross-test beats the old self-test")
     args = p.parse_args(argv)
     methods = {}
     for item in args.method:
@@ -33,11 +36,16 @@ def main(argv=None):
     table["blocks"] = {args.block: table["blocks"]["block"]}
     table = fill_scores(table, source=args.out)
     write_json_atomic(args.out, table)
-    md = render_markdown(table)
+    md = render_markdown(table, reference=load_table(args.reference) if args.reference else None)
     if args.markdown:
         from advbct.evaluation.reporting import write_text_atomic
         write_text_atomic(args.markdown, md)
     print(md)
+    if args.criterion:
+        lines, ok = criterion_report(table)
+        print("\n".join(lines))
+        print("compatibility criterion (cross-test > old self-test) "
+              + ("holds everywhere" if ok else "does NOT hold everywhere"))
 
 
 if __name__ == "__main__":

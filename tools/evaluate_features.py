@@ -12,7 +12,7 @@ import numpy as np
 
 from advbct.cli import guarded
 from advbct.errors import UserError
-from advbct.evaluation.protocol import DATASETS, load_test_set, score
+from advbct.evaluation.protocol import DATASETS, check_features, load_test_set, score
 from advbct.evaluation.reporting import write_json_atomic
 
 
@@ -40,6 +40,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     test_set = load_test_set(args.dataset, args.root, args.gldv2_split, check_images=False)
     query, gallery = load_features(args.query, "query"), load_features(args.gallery, "gallery")
+    check_features(test_set, query, gallery, source=f"--query {args.query}, --gallery {args.gallery}")
     metrics = score(test_set, query, gallery)
     out = {"dataset": args.dataset, **{k: v for k, v in metrics.items() if k in ("mAP", "mP@k", "mAP@100")}}
     if "mAP" in out:

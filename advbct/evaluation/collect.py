@@ -45,3 +45,24 @@ def collect_block(independent_dir, methods, datasets=PAPER_ORDER, description=""
              "methods": {name: _row(d, datasets, [("self", "self"), ("cross", "cross")], name)
                          for name, d in methods.items()}}
     return {"datasets": datasets, "blocks": {"block": block}}
+
+
+def criterion_report(table):
+    """Lines saying, per block, method and dataset, whether cross-test beats the old self-test
+    (the compatibility criterion of PAPER.md); returns ``(lines, all_hold)``."""
+    lines, ok = [], True
+    names = table["datasets"]
+    for block_name, block in table["blocks"].items():
+        old = block["old"]["self"]
+        for method, row in block.get("methods", {}).items():
+            for d, cross, o in zip(names, row["cross"], old):
+                holds = cross > o
+                ok &= holds
+                verdict = "compatible" if holds else "NOT compatible"
+                lines.append(f"{method} on {d}: cross-test {cross:.2f} {'>' if holds else '<='} "
+                             f"old self-test {o:.2f} -> {verdict}")
+        ind = block["independent"]
+        if "cross" in ind:
+            for d, cross, o in zip(names, ind["cross"], old):
+                lines.append(f"phi* on {d}: cross-test {cross:.2f} (no compatibility training; old self {o:.2f})")
+    return lines, ok

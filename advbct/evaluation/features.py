@@ -8,10 +8,12 @@ rank-0-only evaluation as in the original release).
 import contextlib
 
 import torch
+import torch.distributed
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from advbct import distributed as dist
+from advbct.errors import UserError
 
 
 def shard_bounds(n: int, rank: int, world: int):
@@ -19,6 +21,26 @@ def shard_bounds(n: int, rank: int, world: int):
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def _worker_message(text):
+    """The message of a UserError raised in a DataLoader worker, which the loader re-raises with the
+    worker's traceback ("Caught UserError in DataLoader worker ... Original Traceback ..."): its last
+    line is ``<module>.<Class>: <message>``."""
+    if "Original Traceback" not in text:
+        return text
+    return text.rstrip().splitlines()[-1].partition(": ")[2]
+
+
+def _raise_on_any_rank(error):
+    """Raise the first rank's UserError on every rank, so that no rank waits in the gather for a rank
+    that failed (the whole job then ends with that one message instead of a collective timeout)."""
+    if dist.is_distributed():
+        errors = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
 
 
 @torch.no_grad()
@@ -39,13 +61,18 @@ def extract_features(model, dataset, *, batch_size=64, num_workers=4, device=Non
     model.eval()
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp
                 else contextlib.nullcontext())
-    chunks = []
+    chunks, error = [], None
     bar = tqdm(loader, desc=desc, disable=not (progress and dist.is_main_process()), leave=False)
-    with autocast:
-        for images, _, _ in bar:
-            feat = model(images.to(device, non_blocking=True))["feat"]
-            chunks.append(feat.float())
-    model.train(was_training)
+    try:
+        with autocast:
+            for images, _, _ in bar:
+                feat = model(images.to(device, non_blocking=True))["feat"]
+                chunks.append(feat.float())
+    except UserError as exc:  # e.g. an unreadable image in this rank's shard
+        error = _worker_message(str(exc))
+    finally:
+        model.train(was_training)
+    _raise_on_any_rank(error)
     dim = model.embed_dim
     local = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=device)
     return dist.all_gather_variable(local).cpu()

@@ -1,0 +1,52 @@
+"""Partial-backfilling curves of several models: one JSON, and one PNG when matplotlib is installed."""
+
+import glob
+import os
+
+from advbct.errors import UserError
+from advbct.evaluation.collect import read_results
+from advbct.evaluation.reporting import write_json_atomic
+
+LABELS = {"independent": "phi*", "bct": "BCT", "lce": "LCE", "unibct": "UniBCT",
+          "hot_refresh": "Hot-refresh", "advbct": "AdvBCT", "l2": "L2"}
+
+
+def gather_curves(eval_dir):
+    """``{dataset: {model: {"ratios", "values", "metric"}}}`` from ``<eval_dir>/<model>/<dataset>/results.json``."""
+    curves = {}
+    for path in sorted(glob.glob(os.path.join(eval_dir, "*", "*", "results.json"))):
+        model = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        result = read_results(path)
+        if "backfill" in result:
+            curves.setdefault(result["dataset"], {})[model] = result["backfill"]
+    if not curves:
+        raise UserError(f"{eval_dir}: no results.json with a backfilling curve (run scripts/test.sh with "
+                        f"EVAL.BACKFILL true)")
+    return curves
+
+
+def write_backfill_report(eval_dir, out_prefix):
+    """Write ``<out_prefix>.json`` always and ``<out_prefix>.png`` if matplotlib is available."""
+    curves = gather_curves(eval_dir)
+    write_json_atomic(out_prefix + ".json", curves)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return out_prefix + ".json", None
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, (dataset, models) in zip(axes[0], sorted(curves.items())):
+        for model, c in sorted(models.items()):
+            ax.plot([100 * r for r in c["ratios"]], c["values"], marker="o", label=LABELS.get(model, model))
+        ax.set_title(dataset)
+        ax.set_xlabel("gallery refreshed by the new model (%)")
+        ax.set_ylabel(next(iter(models.values()))["metric"])
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{out_prefix}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_prefix + ".png")
+    return out_prefix + ".json", out_prefix + ".png"

@@ -1,0 +1,74 @@
+# Sourced by reproduce_table.sh / reproduce_ablation.sh: argument parsing, paths, and the steps every
+# block shares (synthetic data, split, old model, meta, phi*). Expects `usage` to be set.
+[[ $# -ge 2 ]] || { echo "$usage" >&2; exit 2; }
+ALLOC="$1"; BACKBONE="$2"; shift 2
+PRESET=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --synthetic) PRESET="${2:?--synthetic needs a preset (tiny, small, medium)}"; shift 2 ;;
+    *) echo "error: unknown argument '$1'; $usage" >&2; exit 2 ;;
+  esac
+done
+case "$ALLOC" in data|class) ;; *) echo "error: unknown allocation '$ALLOC' (expected data or class)" >&2; exit 2 ;; esac
+case "$BACKBONE" in r18|r50) ;; *) echo "error: unknown backbone '$BACKBONE' (expected r18 or r50)" >&2; exit 2 ;; esac
+
+source scripts/lib/launch.sh
+source scripts/lib/pipeline.sh
+BLOCK="${ALLOC}_${BACKBONE}"
+NEW_ARCH=$([[ $BACKBONE == r18 ]] && echo resnet18 || echo resnet50)
+PAPER_BLOCK=$([[ $BACKBONE == r18 ]] && echo "$ALLOC" || echo "backbone-$ALLOC")
+METHODS=(bct:BCT lce:LCE unibct:UniBCT hot_refresh:HotRefresh advbct:AdvBCT)
+DATASETS=(rparis6k roxford5k gldv2)
+
+if [[ -n "$PRESET" ]]; then
+  CFG="configs/synthetic/$BLOCK"
+  DATA="${DATA:-./data/synthetic-$PRESET}"
+  TAG="_synthetic-$PRESET"
+  REV_ROOT="$DATA/ROxfordParis"; GLD_ROOT="$DATA/gldv2"
+  read -r -a DATA_OPTS <<<"$(synthetic_overrides "$DATA" "$ALLOC")"
+  EVAL_OPTS=(EVAL.IMG_SIZE 64 EVAL.NUM_WORKERS 1 EVAL.BATCH_SIZE 128)
+else
+  CFG="configs/gldv2/$BLOCK"
+  DATA=./data/GLDv2; TAG=""
+  REV_ROOT=./data/ROxfordParis; GLD_ROOT=./data/GLDv2
+  DATA_OPTS=(); EVAL_OPTS=()
+  for need in "$DATA/label_81313.txt" "$REV_ROOT/gnd_roxford5k.pkl" "$REV_ROOT/gnd_rparis6k.pkl" "$GLD_ROOT/gldv2_private_query_gt.txt"; do
+    [[ -e "$need" ]] || { echo "error: $need not found: lay out the datasets as in Dataset.md (or use --synthetic PRESET)" >&2; exit 2; }
+  done
+fi
+OUT="./output/reproduce/${BLOCK}${TAG}"
+OLD_DIR="./output/reproduce/old_${ALLOC}${TAG}"   # shared by the r18 and r50 blocks of one allocation
+OLD="$OLD_DIR/final.pth"; META="$OLD_DIR/meta.pt"
+COMPAT=(OLD_MODEL.WEIGHTS "$OLD" COMP_LOSS.META_PATH "$META")
+LOGS="$OUT/logs"
+start=$SECONDS
+
+prepare_block() {
+  if [[ -n "$PRESET" ]]; then
+    run_step "synthetic benchmark ($PRESET)" "$DATA/SYNTHETIC.json" "$LOGS/synthetic.log" \
+      "$PYTHON" tools/make_synthetic.py --out "$DATA" --preset "$PRESET"
+    FULL_LIST="$DATA/$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['gldv2']['train_list'])" "$DATA/SYNTHETIC.json")"
+  else
+    FULL_LIST="$DATA/label_81313.txt"
+  fi
+  run_step "split by $ALLOC (30 % old)" "$(dirname "$FULL_LIST")/gldv2_train_new_100percent_$ALLOC.txt" "$LOGS/split.log" \
+    "$PYTHON" tools/split_dataset.py --list "$FULL_LIST" --by "$ALLOC" --ratio 0.3
+  run_step "old model (R18, $ALLOC allocation)" "$OLD" "$LOGS/old.log" \
+    bash scripts/train_old.sh "configs/$(basename "$(dirname "$CFG")")/${ALLOC}_r18/old.yml" "${DATA_OPTS[@]}" \
+    DATA.TRAIN_LIST "$(dirname "$FULL_LIST")/gldv2_train_old_30percent_$ALLOC.txt" OUTPUT "$OLD_DIR"
+  run_step "old-class meta" "$META" "$LOGS/meta.log" \
+    bash scripts/extract_meta.sh "$CFG/advbct.yml" "${DATA_OPTS[@]}" "${COMPAT[@]}"
+  run_step "phi* ($BACKBONE)" "$OUT/independent/final.pth" "$LOGS/independent.log" \
+    bash scripts/train_new.sh "$CFG/independent.yml" "${DATA_OPTS[@]}" OUTPUT "$OUT/independent"
+}
+
+# evaluate_model NAME : self/cross/backfill of $OUT/NAME/final.pth against the old model on every test set
+evaluate_model() {
+  local model="$1" ds
+  for ds in "${DATASETS[@]}"; do
+    run_step "test $model on $ds" "$OUT/eval/$model/$ds/results.json" "$LOGS/test_${model}_$ds.log" \
+      env NEW_MODEL_PATH="$OUT/$model/final.pth" OLD_MODEL_PATH="$OLD" NEW_MODEL_ARCH="$NEW_ARCH" \
+      bash scripts/test.sh landmark "$ds" "$(test_root "$REV_ROOT" "$GLD_ROOT" "$ds")" \
+      "${EVAL_OPTS[@]}" EVAL.BACKFILL true EVAL.SAVE_DIR "$OUT/eval/$model/$ds"
+  done
+}

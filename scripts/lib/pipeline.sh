@@ -1,0 +1,37 @@
+# Sourced by demo.sh / reproduce_*.sh: resumable steps. A step whose output exists is skipped (every
+# output is written atomically, so existing means complete); a failing step stops the script with the
+# step's name and log path, and the steps completed before it stay as they are.
+set -o pipefail
+
+# run_step NAME OUTPUT LOG CMD... : run CMD (output shown and kept in LOG) unless OUTPUT exists
+run_step() {
+  local name="$1" output="$2" log="$3"; shift 3
+  if [[ -e "$output" ]]; then
+    echo "[done] $name  ($output)"
+    return 0
+  fi
+  mkdir -p "$(dirname "$log")"
+  echo "[run]  $name  (log: $log)"
+  if ! "$@" 2>&1 | tee "$log"; then
+    echo "error: step '$name' failed; log: $log" >&2
+    exit 1
+  fi
+  if [[ ! -e "$output" ]]; then
+    echo "error: step '$name' ended without writing $output; log: $log" >&2
+    exit 1
+  fi
+}
+
+# the config overrides that point the synthetic configs at DATA (a make_synthetic.py output folder)
+synthetic_overrides() {
+  local data="$1" alloc="$2"
+  echo DATA.ROOT "$data/gldv2" \
+       DATA.TRAIN_LIST "$data/gldv2/gldv2_train_new_100percent_$alloc.txt" \
+       META.TRAIN_LIST "$data/gldv2/gldv2_train_old_30percent_$alloc.txt" \
+       EVAL.ROOT "$data/ROxfordParis"
+}
+
+# test_root DATA_ROOT_REVISITED DATA_ROOT_GLDV2 DATASET : the root scripts/test.sh expects
+test_root() {
+  if [[ "$3" == gldv2 ]]; then echo "$2"; else echo "$1"; fi
+}
