@@ -3,7 +3,7 @@
 import functools
 import sys
 
-from advbct.errors import UserError
+from advbct.errors import UserError, one_line
 
 
 def guarded(main):
@@ -14,7 +14,7 @@ def guarded(main):
         try:
             return main(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

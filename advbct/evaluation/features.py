@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from advbct import distributed as dist
-from advbct.errors import UserError
+from advbct.errors import UserError, one_line
 
 
 def shard_bounds(n: int, rank: int, world: int):
@@ -21,15 +21,6 @@ def shard_bounds(n: int, rank: int, world: int):
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-def _worker_message(text):
-    """The message of a UserError raised in a DataLoader worker, which the loader re-raises with the
-    worker's traceback ("Caught UserError in DataLoader worker ... Original Traceback ..."): its last
-    line is ``<module>.<Class>: <message>``."""
-    if "Original Traceback" not in text:
-        return text
-    return text.rstrip().splitlines()[-1].partition(": ")[2]
 
 
 def _raise_on_any_rank(error):
@@ -69,7 +60,7 @@ def extract_features(model, dataset, *, batch_size=64, num_workers=4, device=Non
                 feat = model(images.to(device, non_blocking=True))["feat"]
                 chunks.append(feat.float())
     except UserError as exc:  # e.g. an unreadable image in this rank's shard
-        error = _worker_message(str(exc))
+        error = one_line(str(exc))
     finally:
         model.train(was_training)
     _raise_on_any_rank(error)

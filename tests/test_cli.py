@@ -1,0 +1,38 @@
+"""Entry-point error handling: one line, exit 2, also for errors raised inside DataLoader workers."""
+
+import subprocess
+import sys
+
+from advbct.errors import one_line
+
+WORKER_ERROR = """
+import torch
+from advbct.cli import guarded
+from advbct.errors import UserError
+
+class Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        raise UserError(f"img_{i}.jpg: cannot decode image")
+
+@guarded
+def main():
+    for _ in torch.utils.data.DataLoader(Broken(), num_workers=1):
+        pass
+
+main()
+"""
+
+
+def test_worker_error_reaches_the_user_as_one_line():
+    proc = subprocess.run([sys.executable, "-c", WORKER_ERROR], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: img_0.jpg: cannot decode image"
+
+
+def test_one_line_keeps_plain_messages():
+    assert one_line("x.yml: unknown key") == "x.yml: unknown key"
+    wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "a.py", line 1, in f\nadvbct.errors.UserError: a.jpg: unreadable')
+    assert one_line(wrapped) == "a.jpg: unreadable"
