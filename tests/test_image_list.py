@@ -1,0 +1,140 @@
+"""Image lists: parsing of 'path label' files, the image Dataset (decode, crop, errors) and transforms."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advbct.data.image_list import ImageListDataset, load_image, read_image_list
+from advbct.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from advbct.errors import UserError
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_read_image_list_values_root_and_blank_lines(tmp_path):
+    f = _write(tmp_path / "list.txt", "train/a/b/c/abc1.jpg 3\n\n/abs/x.jpg 0\r\n  train/d/e/f/def9.jpg\t12  \n")
+    paths, labels = read_image_list(f, root="/data/GLDv2")
+    assert paths.tolist() == ["/data/GLDv2/train/a/b/c/abc1.jpg", "/abs/x.jpg", "/data/GLDv2/train/d/e/f/def9.jpg"]
+    assert labels.dtype == np.int64 and labels.tolist() == [3, 0, 12]
+    paths, _ = read_image_list(f)  # no root: paths exactly as written
+    assert paths.tolist() == ["train/a/b/c/abc1.jpg", "/abs/x.jpg", "train/d/e/f/def9.jpg"]
+
+
+def test_read_image_list_empty_file(tmp_path):
+    paths, labels = read_image_list(_write(tmp_path / "empty.txt", "\n\n"))
+    assert len(paths) == 0 and len(labels) == 0 and labels.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "text, line, what",
+    [
+        ("a.jpg 1\nb.jpg\n", 2, "2 fields"),
+        ("a.jpg 1\n\nb.jpg 2 7\n", 3, "got 3 fields"),
+        ("a.jpg 1\nb.jpg x\n", 2, "not a non-negative integer"),
+        ("a.jpg -1\n", 1, "not a non-negative integer"),
+        ("a.jpg 1\nb.jpg 99999999999999999999\n", 2, "not a non-negative integer"),
+    ],
+)
+def test_read_image_list_malformed_line_names_file_and_line(tmp_path, text, line, what):
+    f = _write(tmp_path / "bad.txt", text)
+    with pytest.raises(UserError) as err:
+        read_image_list(f)
+    assert f"{f}:{line}:" in str(err.value) and what in str(err.value)
+
+
+def test_read_image_list_label_out_of_range(tmp_path):
+    f = _write(tmp_path / "l.txt", "a.jpg 0\nb.jpg 4\nc.jpg 5\nd.jpg 6\n")
+    assert read_image_list(f, num_classes=7)[1].tolist() == [0, 4, 5, 6]
+    with pytest.raises(UserError) as err:
+        read_image_list(f, num_classes=5)
+    msg = str(err.value)
+    assert f"{f}:3:" in msg and "label 5 >= num_classes (5)" in msg and "2 line(s)" in msg
+
+
+def test_read_image_list_missing_file(tmp_path):
+    with pytest.raises(UserError, match="Dataset.md"):
+        read_image_list(tmp_path / "nope.txt")
+
+
+def test_read_image_list_is_vectorised(tmp_path):
+    n = 200_000
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 81313, n)
+    text = "".join(f"train/{i % 7}/{i % 5}/{i % 3}/{i:016x}.jpg {l}\n" for i, l in enumerate(labels.tolist()))
+    f = _write(tmp_path / "big.txt", text)
+    start = time.perf_counter()
+    paths, parsed = read_image_list(f, num_classes=81313)
+    elapsed = time.perf_counter() - start
+    assert np.array_equal(parsed, labels) and paths[12345] == f"train/{12345 % 7}/0/0/{12345:016x}.jpg"
+    assert elapsed < 5.0, f"parsing {n} lines took {elapsed:.1f}s (1.58 M lines must take seconds)"
+
+
+def _solid(path, colour, size=(10, 6), mode="RGB"):
+    Image.new(mode, size, colour).save(path)
+    return str(path)
+
+
+def _normalised(rgb):
+    return [(c / 255.0 - m) / s for c, m, s in zip(rgb, IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def test_dataset_items_are_normalised_tensor_label_index(tmp_path):
+    a = _solid(tmp_path / "a.png", (255, 0, 128))
+    b = _solid(tmp_path / "b.png", (10, 200, 30), size=(5, 17))
+    ds = ImageListDataset([a, b], labels=[7, 2], transform=eval_transform(8))
+    img, label, index = ds[1]
+    assert img.shape == (3, 8, 8) and label == 2 and index == 1
+    expected = torch.tensor(_normalised((10, 200, 30)), dtype=torch.float32)
+    assert torch.allclose(img, expected[:, None, None].expand(3, 8, 8), atol=1e-5)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch[0].shape == (2, 3, 8, 8) and batch[1].tolist() == [7, 2] and batch[2].tolist() == [0, 1]
+
+
+def test_dataset_without_labels_and_with_root(tmp_path):
+    _solid(tmp_path / "g.png", 77, mode="L")  # grayscale is converted to RGB
+    ds = ImageListDataset(["g.png"], root=tmp_path, transform=train_transform(4))
+    img, label, index = ds[0]
+    assert label == -1 and index == 0
+    assert torch.allclose(img, torch.tensor(_normalised((77, 77, 77)))[:, None, None].expand(3, 4, 4), atol=1e-5)
+
+
+def test_crop_box_selects_region(tmp_path):
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    path = tmp_path / "split.png"
+    Image.fromarray(arr).save(path)
+    crop = load_image(str(path), box=(20.4, 2.0, 39.6, 18.0))  # rounded like PIL/revisitop: (20, 2, 40, 18)
+    assert crop.size == (20, 16)
+    assert (np.asarray(crop) == (0, 0, 255)).all()
+    ds = ImageListDataset([str(path)], boxes=[[0, 0, 20, 20]])
+    assert (np.asarray(ds[0][0]) == (255, 0, 0)).all() and ds[0][0].size == (20, 20)
+
+
+def test_corrupt_and_missing_images_name_the_file(tmp_path):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(UserError) as err:
+        ImageListDataset([str(bad)])[0]
+    assert str(bad) in str(err.value) and "corrupt" in str(err.value)
+    truncated = tmp_path / "truncated.jpg"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.jpg")
+    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    with pytest.raises(UserError, match="truncated.jpg"):
+        load_image(str(truncated))
+    with pytest.raises(UserError, match="missing.jpg.*Dataset.md"):
+        load_image(str(tmp_path / "missing.jpg"))
+
+
+def test_transform_sizes_and_bad_size():
+    img = Image.new("RGB", (30, 11), (0, 0, 0))
+    assert eval_transform(16)(img).shape == (3, 16, 16)
+    assert eval_transform((12, 20))(img).shape == (3, 12, 20)
+    with pytest.raises(UserError):
+        eval_transform(0)
