@@ -40,6 +40,10 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.EVAL.CROP_QUERY is True and cfg.COMP_LOSS.THRESHOLD == 0.8
     assert cfg.EVAL.BACKFILL_RATIOS == [0.0, 0.5, 1.0]
     assert cfg.COMP_LOSS.TYPE == "advbct"
+    # exponent notation without a dot (a string to YAML 1.1) is accepted for float keys
+    assert load_config(None, ["TRAIN.WEIGHT_DECAY", "1e-4"]).TRAIN.WEIGHT_DECAY == 1e-4
+    f.write_text("TRAIN: {LR_GAMMA: 1e38}\n")
+    assert load_config(str(f)).TRAIN.LR_GAMMA == 1e38
     # the defaults themselves are untouched by a load
     assert load_config().MODEL.ARCH == DEFAULTS["MODEL"]["ARCH"][0]
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from advbct import distributed as dist
 from advbct.config import save_config
 from advbct.engine.builders import build_compatibility, build_new_model, build_train_dataset
+from advbct.engine.sync_bn import convert_sync_batchnorm
 from advbct.errors import NonFiniteLossError, UserError
 from advbct.models import load_checkpoint, save_checkpoint
 
@@ -92,7 +93,11 @@ class Trainer:
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
         model = build_new_model(cfg, self.num_classes).to(self.device)
         if self.world > 1 and cfg.MODEL.SYNC_BN:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # global batch statistics (also on CPU/gloo), in the loss module too: the original converts
+            # its whole model, discriminator included
+            model = convert_sync_batchnorm(model, self.device)
+            if self.comp_loss is not None:
+                self.comp_loss = convert_sync_batchnorm(self.comp_loss, self.device)
         self.model = model
         self.ddp = (DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if self.world > 1 else model)
@@ -158,7 +163,7 @@ class Trainer:
         out = self.cfg.OUTPUT
         state = self._state(epoch)
         save_checkpoint(os.path.join(out, LAST), state)
-        if epoch % self.cfg.TRAIN.SAVE_FREQ == 0 or epoch == self.cfg.TRAIN.EPOCHS:
+        if epoch % self.cfg.TRAIN.SAVE_FREQ == 0:
             save_checkpoint(os.path.join(out, f"epoch_{epoch}.pth"), state)
         if epoch == self.cfg.TRAIN.EPOCHS:
             save_checkpoint(os.path.join(out, FINAL), {"model": self.model.state_dict(), "epoch": epoch,
@@ -175,7 +180,7 @@ class Trainer:
             total = cls_loss
             if self.comp_loss is not None:
                 with torch.no_grad():
-                    feat_old = self.old_model(images)["feat"].float()
+                    feat_old = self.old_model.embed(images).float()  # no old logits: BCT uses the weight
                 cls_w = self.model.classifier.weight if self.model.classifier is not None else None
                 comp = self.comp_ddp(out["feat"].float(), feat_old, labels, new_classifier_weight=cls_w,
                                      progress=progress, epoch=epoch)
@@ -205,26 +210,28 @@ class Trainer:
         sums, count = {}, 0
         bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.TRAIN.EPOCHS}",
                    disable=self.rank != 0, leave=False, dynamic_ncols=True)
-        for it, (images, labels, _) in enumerate(self.loader):
-            if it >= self.iters_per_epoch:
-                break
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            step = epoch * self.iters_per_epoch + it
-            terms = self._step(images, labels, epoch, step / max(total_steps, 1))
-            for k, v in terms.items():  # device-side running sums: no host sync per step
-                sums[k] = sums.get(k, 0.0) + v.float()
-            count += 1
-            if (it + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or it + 1 == self.iters_per_epoch:
-                now = {k: float(v) for k, v in terms.items()}
-                self._check_finite(now["total"], epoch, it)
-                bar.set_postfix(loss=f"{now['total']:.3f}")
-                if self.writer is not None:
-                    for k, v in now.items():
-                        self.writer.add_scalar(f"train/{k}", v, step)
-                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
-            bar.update(1)
-        bar.close()
+        try:  # close the bar on errors too, so that a one-line error message starts on its own line
+            for it, (images, labels, _) in enumerate(self.loader):
+                if it >= self.iters_per_epoch:
+                    break
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                step = epoch * self.iters_per_epoch + it
+                terms = self._step(images, labels, epoch, step / max(total_steps, 1))
+                for k, v in terms.items():  # device-side running sums: no host sync per step
+                    sums[k] = sums.get(k, 0.0) + v.float()
+                count += 1
+                if (it + 1) % self.cfg.TRAIN.PRINT_FREQ == 0 or it + 1 == self.iters_per_epoch:
+                    now = {k: float(v) for k, v in terms.items()}
+                    self._check_finite(now["total"], epoch, it)
+                    bar.set_postfix(loss=f"{now['total']:.3f}")
+                    if self.writer is not None:
+                        for k, v in now.items():
+                            self.writer.add_scalar(f"train/{k}", v, step)
+                        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+                bar.update(1)
+        finally:
+            bar.close()
         means = {k: float(dist.all_reduce_mean(v / max(count, 1))) for k, v in sums.items()}
         self._check_finite(means.get("total", 0.0), epoch, count - 1)
         return means

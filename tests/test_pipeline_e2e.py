@@ -1,0 +1,171 @@
+"""End to end on the tiny synthetic benchmark, through the user-facing bash scripts (one process each).
+
+split by class (make_allocation) -> scripts/train_old.sh -> scripts/extract_meta.sh -> scripts/train_new.sh
+for every method (bct, lce, unibct, hot_refresh, advbct, l2 and phi* without COMP_LOSS) ->
+scripts/test.sh on roxford5k. Tiny on purpose (32 px, 32-d embedding, 2 iterations of 8 images per
+epoch): the assertions are about the pipeline's contracts and the logged values, not about accuracy.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from advbct.data.image_list import read_image_list
+from advbct.data.splits import make_allocation
+from advbct.meta import load_meta
+
+REPO = Path(__file__).resolve().parent.parent
+EMB = 32
+OLD_RATIO = 0.3
+
+pytestmark = pytest.mark.slow
+
+COMMON_YAML = """\
+SEED: 1234
+MODEL:
+  ARCH: resnet18
+  EMB_DIM: {emb}
+  PRETRAINED: false
+DATA:
+  ROOT: {root}
+  IMG_SIZE: 32
+  NUM_WORKERS: 0
+TRAIN:
+  EPOCHS: 1
+  BATCH_SIZE: 8
+  MAX_ITERS_PER_EPOCH: 2
+  PRINT_FREQ: 1
+EVAL:
+  IMG_SIZE: 32
+  BATCH_SIZE: 64
+  NUM_WORKERS: 0
+"""
+
+# method -> the loss terms its training log must report, besides cls and total
+METHOD_TERMS = {
+    "bct": ("comp", "bct"),
+    "lce": ("comp", "boundary", "alignment"),
+    "unibct": ("comp", "unibct"),
+    "hot_refresh": ("comp", "hot_refresh"),
+    "advbct": ("comp", "boundary", "adversarial", "adv_weight"),
+    "l2": ("comp", "l2"),
+    "": (),
+}
+
+
+def run_script(script, *args, env_extra=None):
+    """``bash scripts/<script> args...`` on one process; fail with the tail of its output."""
+    env = dict(os.environ, NGPUS="1", **(env_extra or {}))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def epoch_means(out):
+    """{term: value} of the last 'epoch k/N (...s): term value ...' line of OUT/log.txt."""
+    lines = [ln for ln in (out / "log.txt").read_text().splitlines() if re.search(r"epoch \d+/\d+ \(", ln)]
+    assert lines, f"no epoch line in {out / 'log.txt'}"
+    fields = lines[-1].split("): ", 1)[1].split()
+    return {k: float(v) for k, v in zip(fields[::2], fields[1::2])}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_synthetic, tmp_path_factory):
+    """Class allocation, the old model (1 short epoch) and its meta file, made by the scripts."""
+    gld = Path(tiny_synthetic) / "gldv2"
+    full_list = next(gld.glob("label_*.txt"))
+    work = tmp_path_factory.mktemp("pipeline")
+    split = make_allocation(str(full_list), "class", OLD_RATIO, out_dir=str(work / "lists"))
+    cfg = work / "common.yml"
+    cfg.write_text(COMMON_YAML.format(emb=EMB, root=gld))
+    old_out = work / "old"
+    run_script("train_old.sh", cfg, "DATA.TRAIN_LIST", split["files"]["old"], "OUTPUT", old_out)
+    meta = work / "meta.pt"
+    proc = run_script("extract_meta.sh", cfg, "OLD_MODEL.WEIGHTS", old_out / "final.pth",
+                      "META.TRAIN_LIST", split["files"]["old"], "COMP_LOSS.META_PATH", meta)
+    return {"work": work, "cfg": cfg, "split": split, "old": old_out, "meta": meta, "meta_stdout": proc.stdout,
+            "revisited": Path(tiny_synthetic) / "ROxfordParis", "cache": {}}
+
+
+def train_new(base, method):
+    """scripts/train_new.sh for ``method`` ('' = phi*), once per module; returns its OUTPUT folder."""
+    if method not in base["cache"]:
+        out = base["work"] / f"new_{method or 'independent'}"
+        comp = []
+        if method:
+            comp = ["COMP_LOSS.TYPE", method, "OLD_MODEL.WEIGHTS", base["old"] / "final.pth",
+                    "COMP_LOSS.META_PATH", base["meta"]]
+        run_script("train_new.sh", base["cfg"], "DATA.TRAIN_LIST", base["split"]["files"]["new"],
+                   "OUTPUT", out, *comp)
+        base["cache"][method] = out
+    return base["cache"][method]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_allocation_old_model_and_meta(base):
+    split = base["split"]
+    _, old_labels = read_image_list(split["files"]["old"])
+    _, new_labels = read_image_list(split["files"]["new"])
+    n_old, n_new = split["old_classes"], split["new_classes"]
+    assert n_old == int(n_new * OLD_RATIO) and n_old > 1
+    assert sorted(set(old_labels.tolist())) == list(range(n_old))  # old labels 0..n_old-1
+    assert sorted(set(new_labels.tolist())) == list(range(n_new))
+    old_state = load(base["old"] / "final.pth")
+    assert old_state["num_classes"] == n_old
+    assert tuple(old_state["model"]["classifier.weight"].shape) == (n_old, EMB)
+    meta = load_meta(base["meta"])
+    assert meta.num_classes == n_old and meta.embed_dim == EMB
+    assert meta.counts.tolist() == torch.bincount(torch.as_tensor(old_labels), minlength=n_old).tolist()
+    assert torch.isfinite(meta.centers).all() and (meta.r_max >= meta.r_min).all()
+    assert f"meta: {n_old} classes" in base["meta_stdout"]
+
+
+@pytest.mark.parametrize("method", list(METHOD_TERMS), ids=[m or "independent" for m in METHOD_TERMS])
+def test_train_new_method(base, method):
+    out = train_new(base, method)
+    means = epoch_means(out)
+    expected = {"cls", "total", *METHOD_TERMS[method]}
+    assert expected <= means.keys(), f"{method}: logged {sorted(means)}"
+    if not method:
+        assert "comp" not in means
+    assert all(math.isfinite(v) for v in means.values()), means
+    # the logged terms add up (4-decimal log): total = cls + comp, comp = the method's weighted parts
+    assert means["total"] == pytest.approx(means["cls"] + means.get("comp", 0.0), abs=3e-4)
+    parts = {"bct": lambda m: m["bct"], "unibct": lambda m: m["unibct"], "hot_refresh": lambda m: m["hot_refresh"],
+             "l2": lambda m: m["l2"], "lce": lambda m: m["boundary"] + m["alignment"],
+             "advbct": lambda m: m["boundary"] + m["adv_weight"] * m["adversarial"]}
+    if method:
+        assert means["comp"] == pytest.approx(parts[method](means), abs=5e-4)
+    if method == "advbct":
+        assert means["adv_weight"] == pytest.approx(2.0)  # (E - e + 1)/E with E = 1 epoch, e = 0 (0-based)
+    final = load(out / "final.pth")
+    assert final["num_classes"] == base["split"]["new_classes"]
+    assert tuple(final["model"]["embedding.fc.weight"].shape)[0] == EMB
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+
+
+def test_evaluate_roxford(base):
+    """scripts/test.sh: self-test, cross-test and the old model's self-test, each E/M/H in [0, 100]."""
+    new = train_new(base, "advbct")
+    save = base["work"] / "eval"
+    proc = run_script("test.sh", "landmark", "roxford5k", base["revisited"], "EVAL.IMG_SIZE", "32",
+                      "EVAL.NUM_WORKERS", "0", "EVAL.SAVE_DIR", save,
+                      env_extra={"NEW_MODEL_PATH": str(new / "final.pth"),
+                                 "OLD_MODEL_PATH": str(base["old"] / "final.pth")})
+    result = json.loads((save / "results.json").read_text())
+    assert result["dataset"] == "roxford5k"
+    for key in ("self_test", "cross_test", "old_self_test"):
+        maps = result[key]["mAP"]
+        assert set(maps) >= {"easy", "medium", "hard"}
+        assert all(0.0 <= maps[p] <= 100.0 for p in ("easy", "medium", "hard")), (key, maps)
+    assert "cross-test" in proc.stdout and str(save / "results.json") in proc.stdout

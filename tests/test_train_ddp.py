@@ -1,0 +1,263 @@
+"""Two gloo processes with batch B/2 each train exactly like one process with batch B.
+
+``tools/train.py`` under ``torch.distributed.run`` (2 CPU processes) against the in-process Trainer
+with the doubled batch, after one iteration: weights, BN statistics, SGD momentum (= the gradient of
+the first step), the loss module's state and the logged epoch means must agree. The global batch is
+the same SET of images: DistributedSampler gives rank r the indices perm[r::2] of one seeded
+permutation, so the first B/2 of each rank are together perm[:B], the single process's first batch.
+With MODEL.SYNC_BN the BatchNorm statistics are global (AllReduceBatchNorm on CPU), so everything that
+is a mean over the batch matches; hot_refresh gathers its negatives across ranks; the advbct loss
+module (elastic radii + discriminator with its own BN) runs under DDP.
+"""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data.distributed import DistributedSampler
+
+from advbct.config import load_config
+from advbct.engine.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
+from advbct.models import build_model, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+WORLD, BATCH, CLASSES, PER_CLASS, EMB = 2, 8, 4, 8, 32
+
+pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def write_image_list(root, classes=CLASSES, per_class=PER_CLASS, size=16, seed=0):
+    """``classes`` x ``per_class`` small PNGs (class-dependent colour + noise) and their list file."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for c in range(classes):
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(40 + 50 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            rel = f"img/c{c}_{i}.png"
+            Image.fromarray(pixels).save(root / rel)
+            lines.append(f"{rel} {c}\n")
+    (root / "train.txt").write_text("".join(lines))
+    return root / "train.txt"
+
+
+def base_overrides(data, out, batch, extra=()):
+    return ["OUTPUT", str(out), "DATA.TRAIN_LIST", str(data / "train.txt"), "DATA.ROOT", str(data),
+            "MODEL.ARCH", "resnet18", "MODEL.EMB_DIM", str(EMB), "MODEL.PRETRAINED", "false",
+            "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "TRAIN.BATCH_SIZE", str(batch),
+            "TRAIN.EPOCHS", "1", "TRAIN.MAX_ITERS_PER_EPOCH", "1", "TRAIN.PRINT_FREQ", "1",
+            "MODEL.SYNC_BN", "true", "SEED", "1234", *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Image list, a (random) old checkpoint and its class meta, shared by the three methods."""
+    from advbct.engine.meta_extraction import extract_meta
+
+    root = tmp_path_factory.mktemp("ddp")
+    data = root / "data"
+    write_image_list(data)
+    torch.manual_seed(7)
+    old = build_model("resnet18", embed_dim=EMB, num_classes=CLASSES)
+    save_checkpoint(root / "old.pth", {"model": old.state_dict()})
+    meta_path = root / "meta.pt"
+    cfg = load_config(None, ["OLD_MODEL.WEIGHTS", str(root / "old.pth"), "COMP_LOSS.META_PATH", str(meta_path),
+                             "META.TRAIN_LIST", str(data / "train.txt"), "DATA.ROOT", str(data),
+                             "DATA.IMG_SIZE", "32", "EVAL.NUM_WORKERS", "0", "EVAL.BATCH_SIZE", "32"])
+    extract_meta(cfg, progress=False)
+    comp = {"": [],
+            "hot_refresh": ["COMP_LOSS.TYPE", "hot_refresh", "OLD_MODEL.WEIGHTS", str(root / "old.pth")],
+            "advbct": ["COMP_LOSS.TYPE", "advbct", "OLD_MODEL.WEIGHTS", str(root / "old.pth"),
+                       "COMP_LOSS.META_PATH", str(meta_path)]}
+    return {"data": data, "comp": comp}
+
+
+def run_two_processes(overrides):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           str(REPO / "tools" / "train.py"), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    err = proc.stderr if len(proc.stderr) < 8000 else proc.stderr[:4000] + "\n[...]\n" + proc.stderr[-4000:]
+    assert proc.returncode == 0, err
+
+
+def run_one_process(overrides):
+    from advbct.engine.trainer import Trainer
+    return Trainer(load_config(None, overrides)).fit()
+
+
+def logged_epoch_means(out):
+    """``{term: value}`` of the last 'epoch k/N (...s): term value ...' line of log.txt (4 decimals)."""
+    lines = [ln for ln in (out / "log.txt").read_text().splitlines() if re.search(r"epoch \d+/\d+ \(", ln)]
+    assert lines, f"no epoch line in {out / 'log.txt'}"
+    fields = lines[-1].split("): ", 1)[1].split()
+    return {k: float(v) for k, v in zip(fields[::2], fields[1::2])}
+
+
+def load_last(out):
+    return torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+
+
+def relative_error(a, b):
+    """‖a − b‖ / ‖b‖: float reduction order differs between 1 and 2 processes, so elementwise
+    tolerances fail on near-zero entries while the tensor as a whole agrees to ~1e-6."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def assert_states_close(a, b, what, tol, rms_floor=1e-6):
+    """Per tensor ‖a − b‖ <= tol·‖b‖ + rms_floor·√n. The floor covers gradients that are analytically
+    zero (a bias right before BatchNorm, e.g. the discriminator's first Linear) and hence pure
+    rounding noise; a real mismatch moves gradients by their own size (~1e-2 here)."""
+    assert a.keys() == b.keys(), what
+    for key in a:
+        if not a[key].is_floating_point():  # e.g. num_batches_tracked
+            assert torch.equal(a[key], b[key]), f"{what} {key}"
+            continue
+        x, y = a[key].double(), b[key].double()
+        bound = tol * float(y.norm()) + rms_floor * y.numel() ** 0.5
+        assert float((x - y).norm()) <= bound, f"{what} {key}: relative error {relative_error(x, y)}"
+
+
+def momentum_buffers(state):
+    opt = state["optimizer"]["state"]
+    return {i: opt[i]["momentum_buffer"] for i in sorted(opt)}
+
+
+def test_global_batch_is_the_same_set(setup):
+    """The premise: rank r's first B/2 indices together are the single process's first batch."""
+    n = CLASSES * PER_CLASS
+    dataset = list(range(n))
+    single = list(DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=1234))[:BATCH]
+    ranks = [list(DistributedSampler(dataset, num_replicas=WORLD, rank=r, shuffle=True, seed=1234))[:BATCH // WORLD]
+             for r in range(WORLD)]
+    assert sorted(single) == sorted(ranks[0] + ranks[1])
+    assert ranks[0] == single[0::WORLD] and ranks[1] == single[1::WORLD]
+    assert sorted(single) != list(range(BATCH))  # shuffled: the check is not vacuous
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["", "hot_refresh", "advbct"], ids=["plain", "hot_refresh", "advbct"])
+def test_two_processes_equal_one_process(setup, tmp_path, method):
+    data, extra = setup["data"], setup["comp"][method]
+    run_two_processes(base_overrides(data, tmp_path / "two", BATCH // WORLD, extra))
+    history = run_one_process(base_overrides(data, tmp_path / "one", BATCH, extra))
+    two, one = load_last(tmp_path / "two"), load_last(tmp_path / "one")
+
+    # gradients of the first step (momentum buffer = grad + wd * w), then the weights after it
+    assert_states_close(momentum_buffers(two), momentum_buffers(one), "momentum", tol=1e-4)
+    assert_states_close(two["model"], one["model"], "weights and BN statistics", tol=1e-4)
+    if method == "advbct":  # elastic radii, discriminator and its BN statistics
+        assert_states_close(two["comp_loss"], one["comp_loss"], "loss module", tol=1e-4)
+
+    logged = logged_epoch_means(tmp_path / "two")
+    assert logged.keys() == history[0].keys()
+    for term, value in history[0].items():
+        if term == "violators":  # a count per process: the ranks' mean is half the global count
+            value /= WORLD
+        assert logged[term] == pytest.approx(value, abs=1.5e-4), term
+    if method == "advbct":
+        # per-rank normalisation of L_EB (as the original) equals the global one when every sample
+        # violates its boundary on both ranks: the precondition of this comparison
+        assert logged["violation_rate"] == history[0]["violation_rate"] == 1.0
+    if method == "":
+        # the comparison can fail: one process on rank 0's half of the batch trains differently
+        run_one_process(base_overrides(data, tmp_path / "half", BATCH // WORLD))
+        half, full = momentum_buffers(load_last(tmp_path / "half")), momentum_buffers(one)
+        assert max(relative_error(half[i], full[i]) for i in full) > 1e-2
+
+
+# ----------------------------------------------------------------- the CPU synchronised BatchNorm itself
+def _bn_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, 5, generator=g) * 3 + 1
+    w_out = torch.randn(6, 3, 4, 5, generator=g)  # loss = sum(out * w_out): non-trivial gradients
+    return x, w_out
+
+
+MOMENTA = (0.1, None)  # exponential and cumulative running averages
+
+
+def _bn_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        x, w_out = _bn_inputs()
+        rows = slice(0, 2) if rank == 0 else slice(2, 6)  # unequal shards: counts are all-reduced too
+        result = {}
+        for i, momentum in enumerate(MOMENTA):
+            bn = _affine_bn(AllReduceBatchNorm(3, momentum=momentum))
+            xl = x[rows].clone().requires_grad_(True)
+            out = bn(xl)
+            (out * w_out[rows]).sum().backward()
+            result[i] = {"out": out.detach(), "x_grad": xl.grad, "w_grad": bn.weight.grad,
+                         "b_grad": bn.bias.grad, "state": bn.state_dict()}
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def _affine_bn(bn):
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return bn
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_all_reduce_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
+    """Two ranks holding 2 and 4 samples: outputs, input and parameter gradients (summed over ranks, as
+    DDP's all-reduce does before averaging) and running statistics equal BatchNorm2d on all 6."""
+    mp.spawn(_bn_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    x, w_out = _bn_inputs()
+    for i, momentum in enumerate(MOMENTA):
+        r0, r1 = ranks[0][i], ranks[1][i]
+        ref = _affine_bn(torch.nn.BatchNorm2d(3, momentum=momentum))
+        xr = x.clone().requires_grad_(True)
+        out = ref(xr)
+        (out * w_out).sum().backward()
+        torch.testing.assert_close(torch.cat([r0["out"], r1["out"]]), out.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([r0["x_grad"], r1["x_grad"]]), xr.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r0["w_grad"] + r1["w_grad"], ref.weight.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r0["b_grad"] + r1["b_grad"], ref.bias.grad, rtol=1e-5, atol=1e-5)
+        for r in (r0, r1):
+            for key, value in ref.state_dict().items():
+                torch.testing.assert_close(r["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        # the running variance is the unbiased one (n = 6 samples x 20 pixels), not the biased one
+        biased = x.transpose(0, 1).reshape(3, -1).var(1, unbiased=False)
+        f = momentum or 1.0
+        assert not torch.allclose(r0["state"]["running_var"], (1 - f) + f * biased, rtol=1e-6, atol=1e-7)
+
+
+def test_convert_sync_batchnorm_keeps_the_state():
+    model = build_model("resnet18", embed_dim=EMB, num_classes=CLASSES)
+    model.backbone.bn1.running_mean.add_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    bns = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 21 and all(isinstance(m, AllReduceBatchNorm) for m in bns)  # 20 in resnet18 + head
+    after = converted.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    x = torch.randn(3, 3, 32, 32)
+    converted.eval()
+    model_ref = build_model("resnet18", embed_dim=EMB, num_classes=CLASSES)
+    model_ref.load_state_dict(before)
+    model_ref.eval()
+    torch.testing.assert_close(converted(x)["feat"], model_ref(x)["feat"])  # one process: plain BatchNorm

@@ -1,0 +1,269 @@
+"""Acceptance tests of the trainer: resume, non-finite loss, and bad input caught before the first step.
+
+Tiny runs (resnet18, 32-d embedding, 32 px, 8 images per batch, 2 iterations per epoch) on a list of
+small PNGs written here. ``tools/train.py``'s ``main`` is called in-process where an exit code or the
+stderr text matters; a real process is killed with SIGKILL in ``test_killed_process_resumes``.
+"""
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advbct.config import load_config
+from advbct.engine.trainer import Trainer
+from advbct.models import build_model, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES, PER_CLASS, EMB = 4, 8, 32
+
+
+def write_image_list(root, classes=CLASSES, per_class=PER_CLASS, size=16, seed=0):
+    """``classes`` x ``per_class`` small PNGs (class-dependent colour + noise) and their list file."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for c in range(classes):
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(40 + 50 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            rel = f"img/c{c}_{i}.png"
+            Image.fromarray(pixels).save(root / rel)
+            lines.append(f"{rel} {c}\n")
+    (root / "train.txt").write_text("".join(lines))
+    return root / "train.txt"
+
+
+def load_train_tool():
+    spec = importlib.util.spec_from_file_location("advbct_train_tool", REPO / "tools" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Image list, old checkpoints (32-d and 16-d embeddings, random weights) and the 32-d one's meta."""
+    from advbct.engine.meta_extraction import extract_meta
+
+    root = tmp_path_factory.mktemp("trainer")
+    data = root / "data"
+    write_image_list(data)
+    torch.manual_seed(3)
+    for dim in (EMB, 16):
+        old = build_model("resnet18", embed_dim=dim, num_classes=CLASSES)
+        save_checkpoint(root / f"old{dim}.pth", {"model": old.state_dict()})
+    meta = root / "meta.pt"
+    extract_meta(load_config(None, ["OLD_MODEL.WEIGHTS", str(root / f"old{EMB}.pth"), "COMP_LOSS.META_PATH",
+                                    str(meta), "META.TRAIN_LIST", str(data / "train.txt"), "DATA.ROOT", str(data),
+                                    "DATA.IMG_SIZE", "32", "EVAL.NUM_WORKERS", "0", "EVAL.BATCH_SIZE", "32"]),
+                 progress=False)
+    return {"root": root, "data": data, "old": root / f"old{EMB}.pth", "old16": root / "old16.pth", "meta": meta}
+
+
+def overrides(setup, out, *extra, epochs=2):
+    data = setup["data"]
+    return ["OUTPUT", str(out), "DATA.TRAIN_LIST", str(data / "train.txt"), "DATA.ROOT", str(data),
+            "MODEL.ARCH", "resnet18", "MODEL.EMB_DIM", str(EMB), "MODEL.PRETRAINED", "false",
+            "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "TRAIN.BATCH_SIZE", "8",
+            "TRAIN.EPOCHS", str(epochs), "TRAIN.MAX_ITERS_PER_EPOCH", "2", "TRAIN.PRINT_FREQ", "1",
+            "SEED", "1234", *extra]
+
+
+def advbct_overrides(setup, out, *extra):
+    return overrides(setup, out, "COMP_LOSS.TYPE", "advbct", "OLD_MODEL.WEIGHTS", str(setup["old"]),
+                     "COMP_LOSS.META_PATH", str(setup["meta"]), *extra)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tensors(tree, prefix=""):
+    """Flatten the tensors of a checkpoint (nested dicts/lists) into {dotted.key: tensor}."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    out = {}
+    for k, v in items:
+        if torch.is_tensor(v):
+            out[f"{prefix}{k}"] = v
+        else:
+            out.update(tensors(v, f"{prefix}{k}."))
+    return out
+
+
+RESUMED_PARTS = ("model", "optimizer", "comp_loss")  # the scheduler holds numbers only: compared with ==
+
+
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    """Two advbct epochs in one go: the reference of both resume tests."""
+    out = tmp_path_factory.mktemp("straight")
+    history = Trainer(load_config(None, advbct_overrides(setup, out))).fit()
+    return {"out": out, "history": history, "last": load(out / "last.pth")}
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_resume_after_crash_equals_straight_run(setup, straight, tmp_path, monkeypatch):
+    """Epoch 1, a crash in the 2nd step of epoch 2, then TRAIN.RESUME auto: bit-identical to 2 straight
+    epochs (weights, SGD momentum, LR schedule, elastic radii + discriminator of the advbct loss)."""
+    saved = {}
+    real_save, real_step = Trainer._save, Trainer._step
+
+    def spy_save(self, epoch):
+        real_save(self, epoch)
+        saved[epoch] = (Path(self.cfg.OUTPUT) / "last.pth").read_bytes()
+
+    steps = []
+
+    def crashing_step(self, images, labels, epoch, progress):
+        steps.append(epoch)
+        if steps.count(1) == 2:
+            raise RuntimeError("simulated crash in epoch 2")
+        return real_step(self, images, labels, epoch, progress)
+
+    monkeypatch.setattr(Trainer, "_save", spy_save)
+    monkeypatch.setattr(Trainer, "_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(load_config(None, advbct_overrides(setup, tmp_path))).fit()
+    assert list(saved) == [1]
+    # the crash lost only the epoch in progress: last.pth is epoch 1's, untouched since its save
+    assert (tmp_path / "last.pth").read_bytes() == saved[1]
+    assert load(tmp_path / "last.pth")["epoch"] == 1
+    assert not (tmp_path / "final.pth").exists()
+
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    resumed = Trainer(load_config(None, advbct_overrides(setup, tmp_path, "TRAIN.RESUME", "auto")))
+    assert resumed.start_epoch == 1
+    history = resumed.fit()
+    assert history == straight["history"][1:]  # the epoch-2 means, exactly
+    last = load(tmp_path / "last.pth")
+    assert last["epoch"] == straight["last"]["epoch"] == 2
+    for part in RESUMED_PARTS:
+        got, want = tensors(last[part]), tensors(straight["last"][part])
+        assert got.keys() == want.keys() and got, part
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"{part}.{key}"
+    momentum = [v for k, v in tensors(last["optimizer"]).items() if k.endswith("momentum_buffer")]
+    assert momentum and all(m.abs().sum() > 0 for m in momentum[:3])  # momentum really was restored
+    assert "elastic_weight" in " ".join(tensors(last["comp_loss"]))
+    assert last["scheduler"] == straight["last"]["scheduler"]
+    assert torch.equal(load(tmp_path / "final.pth")["model"]["embedding.fc.weight"],
+                       straight["last"]["model"]["embedding.fc.weight"])
+
+
+def test_killed_process_resumes(setup, straight, tmp_path):
+    """SIGKILL a real tools/train.py as soon as epoch 1's last.pth exists; the checkpoint on disk loads
+    (weights_only) and keeps every epoch the log reports done; resuming reproduces the straight run."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "train.py"), *advbct_overrides(setup, tmp_path)],
+                            cwd=REPO, env=env, stdout=log, stderr=log)
+    deadline = time.time() + 240
+    try:
+        while not (tmp_path / "last.pth").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert (tmp_path / "last.pth").exists(), (tmp_path / "stderr.txt").read_text()[-2000:]
+    logged_done = len(re.findall(r"epoch \d+/\d+ \(", (tmp_path / "log.txt").read_text()))
+    epoch = load(tmp_path / "last.pth")["epoch"]
+    assert 1 <= epoch <= 2 and epoch >= logged_done  # nothing reported as done is lost
+    history = Trainer(load_config(None, advbct_overrides(setup, tmp_path, "TRAIN.RESUME", "auto"))).fit()
+    assert len(history) == 2 - epoch
+    last = load(tmp_path / "last.pth")
+    for part in ("model", "comp_loss"):
+        got, want = tensors(last[part]), tensors(straight["last"][part])
+        for key in want:
+            diff = (got[key].double() - want[key].double()).norm() / want[key].double().norm().clamp(min=1e-12)
+            assert diff <= 1e-6, f"{part}.{key}: relative difference {float(diff)}"
+
+
+# ------------------------------------------------------------------------------------- non-finite loss
+def test_non_finite_loss_stops_with_code_3(setup, tmp_path, monkeypatch, capsys):
+    """Epoch 2 runs at LR 1e-1 x 1e38 (MultiStepLR milestone 1): the loss overflows, the run exits 3 with
+    one 'error:' line, epoch 1's last.pth is byte-identical and no temporary file is left."""
+    snapshots = {}
+    real_save = Trainer._save
+
+    def spy_save(self, epoch):
+        real_save(self, epoch)
+        snapshots[epoch] = (tmp_path / "last.pth").read_bytes()
+
+    monkeypatch.setattr(Trainer, "_save", spy_save)
+    argv = overrides(setup, tmp_path, "TRAIN.LR_STEPS", "[1]", "TRAIN.LR_GAMMA", "1.0e+38")
+    with pytest.raises(SystemExit) as exc:
+        load_train_tool().main(argv)
+    assert exc.value.code == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0] and "epoch 2" in errors[0], err[-2000:]
+    assert errors[0] == err.rstrip("\n").splitlines()[-1]  # the last thing printed
+    assert list(snapshots) == [1]
+    assert (tmp_path / "last.pth").read_bytes() == snapshots[1]
+    state = load(tmp_path / "last.pth")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "final.pth").exists()
+    assert [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name] == []
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def run_expecting_user_error(argv, monkeypatch, capsys, out):
+    """main(argv) must exit 2 with one 'error:' line and no traceback, before any training step."""
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran before the input was checked")
+
+    monkeypatch.setattr(Trainer, "_step", no_step)
+    with pytest.raises(SystemExit) as exc:
+        load_train_tool().main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not (out / "last.pth").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("method", ["bct", "lce", "unibct", "hot_refresh", "advbct", "l2"])
+def test_method_without_old_model(setup, tmp_path, monkeypatch, capsys, method):
+    msg = run_expecting_user_error(overrides(setup, tmp_path, "COMP_LOSS.TYPE", method,
+                                             "COMP_LOSS.META_PATH", str(setup["meta"])),
+                                   monkeypatch, capsys, tmp_path)
+    assert "OLD_MODEL.WEIGHTS" in msg and method in msg
+
+
+@pytest.mark.parametrize("method", ["lce", "unibct", "advbct"])
+def test_method_without_meta(setup, tmp_path, monkeypatch, capsys, method):
+    msg = run_expecting_user_error(overrides(setup, tmp_path, "COMP_LOSS.TYPE", method,
+                                             "OLD_MODEL.WEIGHTS", str(setup["old"])),
+                                   monkeypatch, capsys, tmp_path)
+    assert "COMP_LOSS.META_PATH" in msg and method in msg
+
+
+def test_label_out_of_range(setup, tmp_path, monkeypatch, capsys):
+    lines = (setup["data"] / "train.txt").read_text().splitlines()
+    lines[4] = lines[4].rsplit(" ", 1)[0] + f" {CLASSES}"  # line 5: label 4 with MODEL.NUM_CLASSES 4
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join(lines) + "\n")
+    argv = overrides(setup, tmp_path, "MODEL.NUM_CLASSES", str(CLASSES))
+    argv[argv.index("DATA.TRAIN_LIST") + 1] = str(bad)
+    msg = run_expecting_user_error(argv, monkeypatch, capsys, tmp_path)
+    assert f"{bad}:5:" in msg and f"label {CLASSES}" in msg
+
+
+def test_embedding_sizes_differ(setup, tmp_path, monkeypatch, capsys):
+    msg = run_expecting_user_error(overrides(setup, tmp_path, "COMP_LOSS.TYPE", "bct",
+                                             "OLD_MODEL.WEIGHTS", str(setup["old16"])),
+                                   monkeypatch, capsys, tmp_path)
+    assert "OLD_MODEL.WEIGHTS" in msg and "16" in msg and f"MODEL.EMB_DIM is {EMB}" in msg

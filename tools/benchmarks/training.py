@@ -1,0 +1,141 @@
+"""Benchmark: training throughput of one step, plain (L_cls) vs AdvBCT (+ frozen old model + L_EB + L_adv).
+
+Times the trainer's own step (``Trainer._step``: forward, CE, old-model forward, compatibility loss,
+backward, SGD update) on in-memory random batches, median over steps after a warm-up. The models
+have the paper's heads (256-d embedding, 81,313 new classes, 24,393 old ones as extended-class) and
+the AdvBCT loss a random old-class meta. On CPU: ResNet-18 at 64 px, batch 64, fp32. With CUDA:
+ResNet-18 and ResNet-50 at 224 px, batch 256, AMP bf16 and fp32 (else reported as unmeasured).
+
+    PYTHONPATH=. python tools/benchmarks/training.py [--steps 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from advbct.cli import guarded
+from advbct.engine.trainer import Trainer, autocast_context
+from advbct.losses import build_compat_loss
+from advbct.meta import ClassMeta
+from advbct.models import build_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per setting (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, autotuning)")
+    parser.add_argument("--emb-dim", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=81313, help="new classifier outputs (GLDv2)")
+    parser.add_argument("--old-classes", type=int, default=24393, help="old classes (extended-class)")
+    parser.add_argument("--old-fraction", type=float, default=0.3, help="share of old-class samples per batch")
+    parser.add_argument("--cpu-arch", default="resnet18")
+    parser.add_argument("--cpu-size", type=int, default=64, help="CPU input size (px)")
+    parser.add_argument("--cpu-batch", type=int, default=64)
+    parser.add_argument("--gpu-archs", default="resnet18,resnet50")
+    parser.add_argument("--gpu-size", type=int, default=224)
+    parser.add_argument("--gpu-batch", type=int, default=256)
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU measurement")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the CUDA measurements")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def random_meta(num_classes: int, dim: int, gen: torch.Generator) -> ClassMeta:
+    """A plausible old-class meta: centers of norm 0.3-0.9, radii 0.5-1.4, 2-7 kept samples per class."""
+    centers = F.normalize(torch.randn(num_classes, dim, generator=gen), dim=1)
+    centers = centers * torch.empty(num_classes, 1).uniform_(0.3, 0.9, generator=gen)
+    r_max = torch.empty(num_classes).uniform_(0.5, 1.4, generator=gen)
+    n_kept = torch.randint(2, 8, (num_classes,), generator=gen)
+    return ClassMeta(centers=centers, r_max=r_max, r_min=0.5 * r_max, counts=n_kept.clone(), n_kept=n_kept,
+                     theta_max=torch.empty(num_classes).uniform_(0.3, 1.2, generator=gen))
+
+
+def make_stepper(args, arch, device, amp, advbct, gen):
+    """A stand-in ``self`` for ``Trainer._step`` holding exactly what the step reads (world size 1)."""
+    model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.num_classes).to(device).train()
+    old_model, comp = None, None
+    if advbct:
+        old_model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.old_classes).to(device)
+        old_model.eval().requires_grad_(False)
+        comp = build_compat_loss({"TYPE": "advbct"}, embed_dim=args.emb_dim, num_old_classes=args.old_classes,
+                                 total_epochs=30, meta=random_meta(args.old_classes, args.emb_dim, gen)).to(device)
+    params = list(model.parameters()) + ([p for p in comp.parameters() if p.requires_grad] if comp else [])
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    return SimpleNamespace(model=model, ddp=model, old_model=old_model, comp_loss=comp, comp_ddp=comp,
+                           optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=False),
+                           autocast=lambda: autocast_context(amp, device))
+
+
+def time_steps(args, arch, device, size, batch, amp, advbct, gen):
+    """Median step time (ms) and images/s of ``Trainer._step`` on one fixed random batch."""
+    stepper = make_stepper(args, arch, device, amp, advbct, gen)
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    is_old = torch.rand(batch, generator=gen) < args.old_fraction
+    labels = torch.where(is_old, torch.randint(0, args.old_classes, (batch,), generator=gen),
+                         torch.randint(args.old_classes, args.num_classes, (batch,), generator=gen)).to(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        terms = Trainer._step(stepper, images, labels, 0, 0.5)
+        float(terms["total"])  # waits for the step; a NaN here would mean a broken benchmark
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    ms = statistics.median(times) * 1000.0
+    return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1)}
+
+
+def compare(args, arch, device, size, batch, amp, gen):
+    plain = time_steps(args, arch, device, size, batch, amp, False, gen)
+    adv = time_steps(args, arch, device, size, batch, amp, True, gen)
+    return {"plain": plain, "advbct": adv, "advbct_time_ratio": round(adv["step_ms"] / plain["step_ms"], 3)}
+
+
+def run(args) -> dict:
+    """Throughput plain vs AdvBCT on CPU (fp32) and, when CUDA is present, per GPU arch x {bf16, fp32}."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    result = {"setup": {"emb_dim": args.emb_dim, "num_classes": args.num_classes, "old_classes": args.old_classes,
+                        "old_fraction": args.old_fraction, "steps": args.steps, "warmup": args.warmup}}
+    if not args.no_cpu:
+        cpu = {"arch": args.cpu_arch, "img_size": args.cpu_size, "batch": args.cpu_batch, "amp": "none",
+               "threads": torch.get_num_threads()}
+        cpu.update(compare(args, args.cpu_arch, torch.device("cpu"), args.cpu_size, args.cpu_batch, "none", gen))
+        result["cpu"] = cpu
+    if args.no_gpu:
+        result["cuda"] = "unmeasured (--no-gpu)"
+    elif not torch.cuda.is_available():
+        result["cuda"] = "unmeasured (no CUDA device)"
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+        cuda = {"device": torch.cuda.get_device_name(device), "img_size": args.gpu_size, "batch": args.gpu_batch}
+        for arch in [a.strip() for a in args.gpu_archs.split(",") if a.strip()]:
+            cuda[arch] = {("fp32" if amp == "none" else amp): compare(args, arch, device, args.gpu_size,
+                                                                      args.gpu_batch, amp, gen)
+                          for amp in ("bf16", "none")}
+            torch.cuda.empty_cache()
+        result["cuda"] = cuda
+    return result
+
+
+@guarded
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    print(json.dumps(run(parser.parse_args(argv)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
