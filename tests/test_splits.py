@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from advbct.data.splits import make_allocation, split_by_class, split_by_data
 

@@ -17,38 +17,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from PIL import Image
 from torch.utils.data.distributed import DistributedSampler
 
 from advbct.config import load_config
 from advbct.engine.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
 from advbct.models import build_model, save_checkpoint
+from helpers import write_image_list
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD, BATCH, CLASSES, PER_CLASS, EMB = 2, 8, 4, 8, 32
 
 pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-def write_image_list(root, classes=CLASSES, per_class=PER_CLASS, size=16, seed=0):
-    """``classes`` x ``per_class`` small PNGs (class-dependent colour + noise) and their list file."""
-    rng = np.random.default_rng(seed)
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for c in range(classes):
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(40 + 50 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-            rel = f"img/c{c}_{i}.png"
-            Image.fromarray(pixels).save(root / rel)
-            lines.append(f"{rel} {c}\n")
-    (root / "train.txt").write_text("".join(lines))
-    return root / "train.txt"
 
 
 def base_overrides(data, out, batch, extra=()):

@@ -14,32 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from advbct.config import load_config
 from advbct.engine.trainer import Trainer
 from advbct.models import build_model, save_checkpoint
+from helpers import write_image_list
 
 REPO = Path(__file__).resolve().parent.parent
 CLASSES, PER_CLASS, EMB = 4, 8, 32
-
-
-def write_image_list(root, classes=CLASSES, per_class=PER_CLASS, size=16, seed=0):
-    """``classes`` x ``per_class`` small PNGs (class-dependent colour + noise) and their list file."""
-    rng = np.random.default_rng(seed)
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for c in range(classes):
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(40 + 50 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
-            rel = f"img/c{c}_{i}.png"
-            Image.fromarray(pixels).save(root / rel)
-            lines.append(f"{rel} {c}\n")
-    (root / "train.txt").write_text("".join(lines))
-    return root / "train.txt"
 
 
 def load_train_tool():

@@ -8,20 +8,18 @@ same value (checked before timing). Shapes follow the paper: B = 256, D = 256, 2
 times the elastic-boundary term alone: the full ``advbct`` step also runs the discriminator (the
 same module in both columns), which bounds its ratio.
 
-    PYTHONPATH=. python tools/benchmarks/losses.py [--device cpu] [--repeats 5]
+    python tools/benchmark.py losses [--device cpu] [--repeats 5] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from advbct.cli import guarded
 from advbct.errors import UserError
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
@@ -258,14 +256,3 @@ def run(args) -> dict:
         results[method] = {"vectorised_ms": round(vec_ms, 3), "reference_ms": round(ref_ms, 3),
                            "speedup": round(ref_ms / vec_ms, 2)}
     return results
-
-
-@guarded
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    print(json.dumps(run(parser.parse_args(argv)), indent=2))
-
-
-if __name__ == "__main__":
-    main()

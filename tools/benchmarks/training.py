@@ -6,13 +6,12 @@ have the paper's heads (256-d embedding, 81,313 new classes, 24,393 old ones as 
 the AdvBCT loss a random old-class meta. On CPU: ResNet-18 at 64 px, batch 64, fp32. With CUDA:
 ResNet-18 and ResNet-50 at 224 px, batch 256, AMP bf16 and fp32 (else reported as unmeasured).
 
-    PYTHONPATH=. python tools/benchmarks/training.py [--steps 5] [--threads 1]
+    python tools/benchmark.py training [--steps 5] [--threads 1] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from types import SimpleNamespace
@@ -20,7 +19,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from advbct.cli import guarded
 from advbct.engine.trainer import Trainer, autocast_context
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
@@ -128,14 +126,3 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
         result["cuda"] = cuda
     return result
-
-
-@guarded
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    print(json.dumps(run(parser.parse_args(argv)), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,19 @@
+"""Small helpers shared by the test modules (not fixtures)."""
+
+import numpy as np
+from PIL import Image
+
+
+def write_image_list(root, classes=4, per_class=8, size=16, seed=0):
+    """``classes`` x ``per_class`` small PNGs (class-dependent colour + noise) and their list file."""
+    rng = np.random.default_rng(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for c in range(classes):
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(40 + 50 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            rel = f"img/c{c}_{i}.png"
+            Image.fromarray(pixels).save(root / rel)
+            lines.append(f"{rel} {c}\n")
+    (root / "train.txt").write_text("".join(lines))
+    return root / "train.txt"
