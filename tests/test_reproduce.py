@@ -1,0 +1,105 @@
+"""Reproduction plumbing: resumable steps, argument errors, table assembly in the paper's schema."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from advbct.evaluation.collect import collect_block, criterion_report
+from advbct.evaluation.reporting import fill_scores, validate_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bash(script, cwd):
+    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True)
+
+
+def test_run_step_skips_completed_and_stops_on_failure(tmp_path):
+    lib = REPO / "scripts" / "lib" / "pipeline.sh"
+    script = f"""
+set -euo pipefail
+source {lib}
+run_step "first" out/a.txt logs/first.log bash -c 'echo one >> count.txt; echo done > out/a.txt'
+run_step "first" out/a.txt logs/first.log bash -c 'echo one >> count.txt; echo done > out/a.txt'
+run_step "second" out/b.txt logs/second.log bash -c 'echo boom; exit 7'
+echo unreachable
+"""
+    (tmp_path / "out").mkdir()
+    proc = bash(script, tmp_path)
+    assert proc.returncode == 1
+    assert (tmp_path / "count.txt").read_text() == "one\n"        # the completed step ran once
+    assert "[done] first" in proc.stdout and "unreachable" not in proc.stdout
+    assert "error: step 'second' failed; log: logs/second.log" in proc.stderr
+    assert (tmp_path / "logs" / "second.log").read_text() == "boom\n"
+    assert (tmp_path / "out" / "a.txt").read_text() == "done\n"   # earlier output intact
+    # a step that "succeeds" without writing its output is an error too
+    proc = bash(f"source {lib}; run_step third out/c.txt logs/third.log true", tmp_path)
+    assert proc.returncode == 1 and "ended without writing out/c.txt" in proc.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["foo", "r18"], "unknown allocation 'foo'"),
+    (["class", "r34"], "unknown backbone 'r34'"),
+    (["class", "r18", "--fast"], "unknown argument '--fast'"),
+    (["class", "r18"], "not found: lay out the datasets as in Dataset.md"),
+])
+def test_reproduce_table_argument_errors(tmp_path, args, needle):
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_table.sh"), *args], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def _result(path, dataset, self_m, cross_m, old_m):
+    def metrics(v):
+        if dataset == "gldv2":
+            return {"mAP@100": v}
+        return {"mAP": {"easy": v + 1, "medium": v, "hard": v - 1}}
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({
+        "dataset": dataset, "self_test": metrics(self_m), "cross_test": metrics(cross_m),
+        "old_self_test": metrics(old_m)}))
+
+
+def test_collect_block_schema_values_and_criterion(tmp_path):
+    old = {"rparis6k": 60.0, "roxford5k": 40.0, "gldv2": 10.0}
+    for ds, (s, x) in {"rparis6k": (70.0, 5.0), "roxford5k": (50.0, 2.0), "gldv2": (15.0, 0.5)}.items():
+        _result(tmp_path / "ind" / ds, ds, s, x, old[ds])
+    for ds, (s, x) in {"rparis6k": (69.0, 61.0), "roxford5k": (48.0, 39.0), "gldv2": (14.0, 11.0)}.items():
+        _result(tmp_path / "adv" / ds, ds, s, x, old[ds])
+    table = collect_block(tmp_path / "ind", {"AdvBCT": tmp_path / "adv"})
+    validate_table(table)
+    block = table["blocks"]["block"]
+    assert table["datasets"] == ["rparis6k", "roxford5k", "gldv2"]
+    assert block["old"]["self"] == [60.0, 40.0, 10.0]                 # Medium / mAP@100 headline
+    assert block["independent"] == {"self": [70.0, 50.0, 15.0], "cross": [5.0, 2.0, 0.5]}
+    assert block["methods"]["AdvBCT"] == {"self": [69.0, 48.0, 14.0], "cross": [61.0, 39.0, 11.0]}
+    lines, ok = criterion_report(fill_scores(table))
+    assert not ok                                                      # 39 <= 40 on roxford5k
+    assert "AdvBCT on rparis6k: cross-test 61.00 > old self-test 60.00 -> compatible" in lines
+    assert "AdvBCT on roxford5k: cross-test 39.00 <= old self-test 40.00 -> NOT compatible" in lines
+
+
+def test_collect_results_tool_writes_filled_table(tmp_path):
+    for name, vals in {"ind": (70.0, 5.0), "m": (69.0, 65.0)}.items():
+        for ds in ("rparis6k", "roxford5k", "gldv2"):
+            _result(tmp_path / name / ds, ds, vals[0], vals[1], 60.0)
+    out = tmp_path / "table.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "collect_results.py"), "--independent",
+                           str(tmp_path / "ind"), "--method", f"AdvBCT={tmp_path / 'm'}", "--block", "class",
+                           "--out", str(out), "--criterion"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(out.read_text())
+    row = table["blocks"]["class"]["methods"]["AdvBCT"]
+    # a = sigma((69-70)/70), b = sigma((65-60)/(70-60)) on every dataset
+    import math
+    a, b = 1 / (1 + math.exp(1 / 70)), 1 / (1 + math.exp(-0.5))
+    assert row["P_up"] == pytest.approx(100 * a) and row["P_comp"] == pytest.approx(100 * b)
+    assert row["P_1"] == pytest.approx(100 * 2 * a * b / (a + b))
+    assert "holds everywhere" in proc.stdout
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "collect_results.py"), "--independent",
+                           str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "results file not found" in proc.stderr and "Traceback" not in proc.stderr
