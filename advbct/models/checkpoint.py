@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 
@@ -197,7 +198,10 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         with _stand_in_globals():
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            # memory-mapped when possible: evaluation reads a checkpoint's shapes before its weights,
+            # and a mapped file is parsed again without copying the tensors again
+            mmap = map_location == "cpu" and zipfile.is_zipfile(path)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = _refusal_reason(exc)
         if "Python object" in reason:
