@@ -21,3 +21,24 @@ def guarded(main):
             sys.exit(130)
 
     return wrapper
+
+
+def config_main(description, run, argv=None):
+    """The original's command line (``--cfg FILE`` then ``KEY VALUE`` pairs): load the config, call
+    ``run(cfg)``, always tear down the process group; user errors end as one line (``guarded``)."""
+    import argparse
+
+    from advbct.config import add_config_arguments, load_config
+
+    @guarded
+    def main():
+        parser = add_config_arguments(argparse.ArgumentParser(description=description))
+        args = parser.parse_args(argv)
+        cfg = load_config(args.cfg, args.opts)
+        from advbct import distributed as dist  # torch import after the config is known to be valid
+        try:
+            return run(cfg)
+        finally:
+            dist.cleanup()
+
+    return main()

@@ -3,26 +3,20 @@
     torchrun --nproc_per_node=N tools/extract_meta.py --cfg configs/xxx.yml [KEY VALUE ...]
 """
 
-import argparse
-
-from advbct.cli import guarded
-from advbct.config import add_config_arguments, load_config
+from advbct.cli import config_main
 
 
-@guarded
-def main(argv=None):
-    parser = add_config_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    cfg = load_config(args.cfg, args.opts)
+def run(cfg):
     from advbct import distributed as dist
     from advbct.engine.meta_extraction import extract_meta
-    try:
-        meta = extract_meta(cfg)
-        if dist.is_main_process():
-            kept = int((meta.n_kept > 1).sum())
-            print(f"meta: {meta.num_classes} classes ({kept} with a usable radius) -> {cfg.COMP_LOSS.META_PATH}")
-    finally:
-        dist.cleanup()
+    meta = extract_meta(cfg)
+    if dist.is_main_process():
+        kept = int((meta.n_kept > 1).sum())
+        print(f"meta: {meta.num_classes} classes ({kept} with a usable radius) -> {cfg.COMP_LOSS.META_PATH}")
+
+
+def main(argv=None):
+    config_main(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,16 @@
 (``scripts/test.sh`` wraps this with the original release's interface.)
 """
 
-import argparse
-
-from advbct.cli import guarded
-from advbct.config import add_config_arguments, load_config
+from advbct.cli import config_main
 
 
-@guarded
-def main(argv=None):
-    parser = add_config_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    cfg = load_config(args.cfg, args.opts)
+def run(cfg):
     from advbct.evaluation.evaluate import run_evaluation
     run_evaluation(cfg)
+
+
+def main(argv=None):
+    config_main(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

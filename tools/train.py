@@ -3,23 +3,16 @@
     torchrun --nproc_per_node=N tools/train.py --cfg configs/xxx.yml [KEY VALUE ...]
 """
 
-import argparse
-
-from advbct.cli import guarded
-from advbct.config import add_config_arguments, load_config
+from advbct.cli import config_main
 
 
-@guarded
+def run(cfg):
+    from advbct.engine.trainer import Trainer
+    Trainer(cfg).fit()
+
+
 def main(argv=None):
-    parser = add_config_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    cfg = load_config(args.cfg, args.opts)
-    from advbct.engine.trainer import Trainer  # torch import after the config is known to be valid
-    from advbct import distributed as dist
-    try:
-        Trainer(cfg).fit()
-    finally:
-        dist.cleanup()
+    config_main(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":
