@@ -115,11 +115,3 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(out)
     return out / get_world_size()
 
-
-def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from ``src`` to every rank (used for small metadata such as paths)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

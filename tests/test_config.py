@@ -86,10 +86,31 @@ def test_save_config_round_trip(tmp_path):
 
 
 def test_repo_configs_are_valid():
-    """Every YAML under configs/ loads against the schema."""
+    """Every YAML under configs/ loads, and each block has one config per paper row, wired together."""
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    for family in ("gldv2", "synthetic"):
+        for block in ("data_r18", "class_r18", "data_r50", "class_r50"):
+            alloc, arch = block.split("_")
+            arch = {"r18": "resnet18", "r50": "resnet50"}[arch]
+            rows = ["independent", "bct", "lce", "unibct", "hot_refresh", "advbct"]
+            rows += ["old"] if arch == "resnet18" else []
+            for row in rows:
+                cfg = load_config(str(root / family / block / f"{row}.yml"))
+                assert cfg.MODEL.ARCH == ("resnet18" if row == "old" else arch)
+                assert cfg.DATA.TRAIN_LIST.endswith(
+                    f"_train_{'old_30' if row == 'old' else 'new_100'}percent_{alloc}.txt")
+                assert cfg.OUTPUT.endswith(f"/{alloc}_r18/old" if row == "old" else f"/{block}/{row}")
+                if row in ("old", "independent"):
+                    assert cfg.COMP_LOSS.TYPE == ""
+                else:   # compatible rows: their method, the R18 old model of the same allocation, its meta
+                    assert cfg.COMP_LOSS.TYPE == row
+                    assert cfg.OLD_MODEL.WEIGHTS.endswith(f"/{alloc}_r18/old/final.pth")
+                    assert cfg.COMP_LOSS.META_PATH.endswith(f"/{alloc}_r18/old/meta.pt")
+                    assert cfg.META.TRAIN_LIST.endswith(f"_train_old_30percent_{alloc}.txt")
     files = sorted(root.rglob("*.yml"))
+    # per family: R18 blocks 7 rows + _compatible.yml, R50 blocks 6 + 1, one base.yml; plus test_model.yml
+    assert len(files) == 2 * (2 * 8 + 2 * 7 + 1) + 1
     for f in files:
         load_config(str(f))
 

@@ -2,7 +2,6 @@
 
 import os
 
-import torch
 
 from advbct.data.image_list import ImageListDataset, read_image_list
 from advbct.data.transforms import train_transform
@@ -52,15 +51,11 @@ def check_same_embedding(new_path, old_path):
     return new_dim
 
 
-def build_train_dataset(cfg, list_key="DATA.TRAIN_LIST", root_key="DATA.ROOT", num_classes=None):
-    """The training list named by ``list_key`` as a dataset of resized, normalised images."""
-    section, name = list_key.split(".")
-    list_path = cfg[section][name]
-    rs, rn = root_key.split(".")
-    root = cfg[rs][rn] or cfg.DATA.ROOT
-    if not list_path:
-        raise UserError(f"{list_key} is empty: give the training list file ('relative/path label' lines)")
-    paths, labels = read_image_list(list_path, root=root, num_classes=num_classes)
+def build_train_dataset(cfg, num_classes=None):
+    """DATA.TRAIN_LIST (paths relative to DATA.ROOT) as a dataset of resized, normalised images."""
+    if not cfg.DATA.TRAIN_LIST:
+        raise UserError("DATA.TRAIN_LIST is empty: give the training list file ('relative/path label' lines)")
+    paths, labels = read_image_list(cfg.DATA.TRAIN_LIST, root=cfg.DATA.ROOT, num_classes=num_classes)
     return ImageListDataset(paths, labels, transform=train_transform(cfg.DATA.IMG_SIZE)), labels
 
 
@@ -113,6 +108,3 @@ def build_compatibility(cfg, num_classes, device):
                              old_classifier_weight=old_weight)
     return old_model, loss.to(device)
 
-
-def default_device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
