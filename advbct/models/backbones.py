@@ -137,7 +137,7 @@ def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None
         if not os.path.isfile(path):
             raise UserError(
                 f"ImageNet weights for '{name}' not found: put {os.path.basename(path)} "
-                f"(from {url}) at {path}, or give its path as weights_path; nothing is downloaded"
+                f"(from {url}) at {path}, or give its path in MODEL.PRETRAINED_PATH; nothing is downloaded"
             )
         _load_pretrained(model, name, path)
     out_dim = _strip_classifier(model, name)
