@@ -60,11 +60,13 @@ def batch(seed, b=24, num_new=10):
     return feat_new, labels
 
 
+@pytest.mark.parametrize("compact", [True, False])  # CPU row compaction / GPU masking, same numbers
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_elastic_boundary_matches_reference_value_and_grads(seed):
+def test_elastic_boundary_matches_reference_value_and_grads(seed, compact):
     meta = make_meta(seed)
     torch.manual_seed(seed)
     eb = ElasticBoundaryLoss(meta, C_OLD, threshold=1.0)
+    eb.compact = compact
     feat_new, labels = batch(seed)
     x = feat_new.clone().requires_grad_(True)
     loss, diag = eb(x, labels)
@@ -74,6 +76,8 @@ def test_elastic_boundary_matches_reference_value_and_grads(seed):
     ref = ref_boundary(x_ref, labels, meta, w_ref, 1.0, C_OLD)
     ref.backward()
     assert int(diag["violators"]) > 0
+    n_valid = sum(1 for y in labels.tolist() if y < C_OLD and int(meta.n_kept[y]) > 1)
+    assert diag["violation_rate"].item() == pytest.approx(int(diag["violators"]) / n_valid)
     torch.testing.assert_close(loss, ref.float())
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(eb.elastic_weight.grad, w_ref.grad)

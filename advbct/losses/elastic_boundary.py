@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advbct.errors import UserError
-from advbct.losses.base import old_class_index
+from advbct.losses.base import old_class_index, old_rows
 from advbct.meta import ClassMeta
 
 FIXED_RADII = ("min", "max")
@@ -33,6 +33,7 @@ class ElasticBoundaryLoss(nn.Module):
         self.threshold = float(threshold)
         self.elastic = bool(elastic)
         self.fixed_radius = fixed_radius
+        self.compact = None  # None: compact the rows on CPU, mask on GPU (see old_rows); True/False force it
         self.register_buffer("centers", meta.centers[:n].float().clone(), persistent=False)
         base = meta.r_max if (elastic or fixed_radius == "max") else meta.r_min
         # per class (base radius, T − base radius): one gather per batch gives both
@@ -53,12 +54,17 @@ class ElasticBoundaryLoss(nn.Module):
         """Return (L_EB, diagnostics {violation_rate, violators}) for a batch."""
         is_old, idx = old_class_index(labels, self.num_old_classes)
         valid = is_old & self.valid_class[idx]
+        # CPU: keep only the valid rows (~30 % of a class-split batch); GPU: mask (no host sync)
+        rows = old_rows(valid, self.compact)
+        if rows is not None:
+            feat_new, idx = feat_new[rows], idx[rows]
         dist = torch.linalg.vector_norm(F.normalize(feat_new, dim=1) - self.centers[idx], dim=1)
         excess = dist - self.radius(idx)
-        violator = valid & (excess > 0)
+        violator = excess > 0 if rows is not None else valid & (excess > 0)
         n_viol = violator.sum()
         loss = (excess * violator).sum() / n_viol.clamp(min=1)
-        return loss, {"violation_rate": n_viol / valid.sum().clamp(min=1), "violators": n_viol}
+        n_valid = valid.sum()
+        return loss, {"violation_rate": n_viol / n_valid.clamp(min=1), "violators": n_viol}
 
     def extra_repr(self) -> str:
         mode = f"elastic, T={self.threshold}" if self.elastic else f"fixed r_{self.fixed_radius}"

@@ -5,8 +5,9 @@ keyed by the class id string, a tensor built per sample with ``torch.tensor(...)
 Python comparisons on tensors) on the same inputs and parameters, so that each pair computes the
 same value (checked before timing). Shapes follow the paper: B = 256, D = 256, 24,393 old and
 81,313 new classes (extended-class), about 30 % of the batch from old classes. ``advbct_boundary``
-times the elastic-boundary term alone: the full ``advbct`` step also runs the discriminator (the
-same module in both columns), which bounds its ratio.
+times the elastic-boundary term alone and ``advbct_adversarial`` the adversarial term alone: the
+discriminator is the same module, with the same matrix products, in both columns, so the full
+``advbct`` ratio can be at most reference(advbct) / reference(advbct_adversarial) (Amdahl).
 
     python tools/benchmark.py losses [--device cpu] [--repeats 5] [--json OUT]
 """
@@ -25,7 +26,7 @@ from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
 from advbct.models.discriminator import grad_reverse, grl_alpha
 
-METHODS = ("advbct", "advbct_boundary", "lce", "unibct", "bct")
+METHODS = ("advbct", "advbct_boundary", "advbct_adversarial", "lce", "unibct", "bct")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,13 +99,19 @@ def reference_boundary(feat, labels, meta_json, eb_weight, threshold):
     return limit_loss
 
 
-def reference_advbct(feat, feat_old, labels, meta_json, eb_weight, disc, threshold, alpha, adv_w):
-    """Original trainer's AdvBCT step: the boundary above + discriminator on GRL(f_n) / f_o."""
+def reference_adversarial(feat, feat_old, disc, alpha, adv_w):
+    """Original trainer's adversarial part: the discriminator on GRL(f_n) (label 0) and f_o (label 1)."""
     device = feat.device
     out_new, out_old = disc(grad_reverse(feat, alpha)), disc(feat_old)
-    model_loss = F.nll_loss(out_new, torch.zeros(len(labels)).long().to(device)) + F.nll_loss(
-        out_old, torch.ones(len(labels)).long().to(device))
-    return reference_boundary(feat, labels, meta_json, eb_weight, threshold) + model_loss * adv_w
+    model_loss = F.nll_loss(out_new, torch.zeros(len(feat)).long().to(device)) + F.nll_loss(
+        out_old, torch.ones(len(feat)).long().to(device))
+    return model_loss * adv_w
+
+
+def reference_advbct(feat, feat_old, labels, meta_json, eb_weight, disc, threshold, alpha, adv_w):
+    """Original trainer's AdvBCT step: the boundary above + the adversarial part."""
+    return (reference_boundary(feat, labels, meta_json, eb_weight, threshold)
+            + reference_adversarial(feat, feat_old, disc, alpha, adv_w))
 
 
 def reference_lce(feat, labels, meta_json, theta_json, new_weight):
@@ -216,22 +223,29 @@ def run(args) -> dict:
 
     results = {}
     for method in methods:
-        if method in ("advbct", "advbct_boundary"):
-            boundary_only = method == "advbct_boundary"
-            loss = build_compat_loss({"TYPE": "advbct", "ADVERSARIAL": not boundary_only}, **common).to(device)
+        if method.startswith("advbct"):
+            part = method.partition("_")[2]  # "", "boundary" or "adversarial"
+            cfg = {"TYPE": "advbct", "BOUNDARY": part != "adversarial", "ADVERSARIAL": part != "boundary"}
+            loss = build_compat_loss(cfg, **common).to(device)
             eb_weight = torch.zeros(n_new, device=device)
-            eb_weight[:n_old] = loss.boundary.elastic_weight.detach()
+            if loss.boundary is not None:
+                eb_weight[:n_old] = loss.boundary.elastic_weight.detach()
             eb_weight.requires_grad_(True)
             alpha = grl_alpha(progress)
             adv_w = (total_epochs - epoch + 1) / total_epochs
             leaves = [feat, *loss.parameters()]
             vec = lambda: loss(feat, feat_old, labels, progress=progress, epoch=epoch)["loss"]  # noqa: E731
-            if boundary_only:
+            if part == "boundary":
                 ref = lambda: reference_boundary(feat, labels, meta_json, eb_weight, 1.0)  # noqa: E731
+                leaves_ref = [feat, eb_weight]
+            elif part == "adversarial":
+                ref = lambda: reference_adversarial(feat, feat_old, loss.adversarial.discriminator,  # noqa: E731
+                                                    alpha, adv_w)
+                leaves_ref = [feat, *loss.parameters()]
             else:
                 ref = lambda: reference_advbct(feat, feat_old, labels, meta_json, eb_weight,  # noqa: E731
                                                loss.adversarial.discriminator, 1.0, alpha, adv_w)
-            leaves_ref = [feat, eb_weight, *loss.parameters()]
+                leaves_ref = [feat, eb_weight, *loss.parameters()]
         elif method == "lce":
             loss = build_compat_loss({"TYPE": "lce"}, **common).to(device)
             leaves = leaves_ref = [feat, new_weight]
