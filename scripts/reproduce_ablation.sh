@@ -20,10 +20,17 @@ VARIANTS=(
   "advbct_T1.0:T = 1.0:COMP_LOSS.THRESHOLD 1.0"
   "advbct_T1.2:T = 1.2:COMP_LOSS.THRESHOLD 1.2"
 )
+# a T row equal to the block's own threshold is the block's AdvBCT model: reuse it instead of retraining
+BLOCK_T="$("$PYTHON" -c "import sys; from advbct.config import load_config; print(load_config(sys.argv[1]).COMP_LOSS.THRESHOLD)" "$CFG/advbct.yml")"
 method_args=()
 for v in "${VARIANTS[@]}"; do
   IFS=: read -r name label opts <<<"$v"
   read -r -a extra <<<"$opts"  # empty for the block's own config
+  if [[ "$name" == advbct_T* ]] && "$PYTHON" -c "import sys; sys.exit(float(sys.argv[1]) != float(sys.argv[2]))" "${name#advbct_T}" "$BLOCK_T"; then
+    echo "[same] $name ($BACKBONE) is the block's AdvBCT (T = $BLOCK_T): reusing $OUT/eval/advbct"
+    method_args+=(--method "$label=$OUT/eval/advbct")
+    continue
+  fi
   run_step "$name ($BACKBONE)" "$OUT/$name/final.pth" "$LOGS/$name.log" \
     bash scripts/train_new.sh "$CFG/advbct.yml" "${DATA_OPTS[@]}" "${COMPAT[@]}" "${extra[@]}" OUTPUT "$OUT/$name"
   evaluate_model "$name"

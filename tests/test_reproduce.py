@@ -40,14 +40,15 @@ echo unreachable
     assert proc.returncode == 1 and "ended without writing out/c.txt" in proc.stderr
 
 
+@pytest.mark.parametrize("script", ["reproduce_table.sh", "reproduce_ablation.sh"])
 @pytest.mark.parametrize("args, needle", [
     (["foo", "r18"], "unknown allocation 'foo'"),
     (["class", "r34"], "unknown backbone 'r34'"),
     (["class", "r18", "--fast"], "unknown argument '--fast'"),
     (["class", "r18"], "not found: lay out the datasets as in Dataset.md"),
 ])
-def test_reproduce_table_argument_errors(tmp_path, args, needle):
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_table.sh"), *args], cwd=tmp_path,
+def test_reproduce_scripts_argument_errors(tmp_path, script, args, needle):
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args], cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert needle in proc.stderr and proc.stderr.count("\n") == 1
