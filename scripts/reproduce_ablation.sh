@@ -14,11 +14,11 @@ VARIANTS=(
   "advbct:AdvBCT (block config):"
   "advbct_no_adv:w/o adversarial:COMP_LOSS.ADVERSARIAL false"
   "advbct_no_elastic:w/o elastic boundary (fixed r_min):COMP_LOSS.ELASTIC false"
-  "advbct_T0.4:T = 0.4:COMP_LOSS.THRESHOLD 0.4"
-  "advbct_T0.6:T = 0.6:COMP_LOSS.THRESHOLD 0.6"
-  "advbct_T0.8:T = 0.8:COMP_LOSS.THRESHOLD 0.8"
-  "advbct_T1.0:T = 1.0:COMP_LOSS.THRESHOLD 1.0"
-  "advbct_T1.2:T = 1.2:COMP_LOSS.THRESHOLD 1.2"
+  "advbct_T0.4:T 0.4:COMP_LOSS.THRESHOLD 0.4"
+  "advbct_T0.6:T 0.6:COMP_LOSS.THRESHOLD 0.6"
+  "advbct_T0.8:T 0.8:COMP_LOSS.THRESHOLD 0.8"
+  "advbct_T1.0:T 1.0:COMP_LOSS.THRESHOLD 1.0"
+  "advbct_T1.2:T 1.2:COMP_LOSS.THRESHOLD 1.2"
 )
 # a T row equal to the block's own threshold is the block's AdvBCT model: reuse it instead of retraining
 BLOCK_T="$("$PYTHON" -c "import sys; from advbct.config import load_config; print(load_config(sys.argv[1]).COMP_LOSS.THRESHOLD)" "$CFG/advbct.yml")"

@@ -1,6 +1,7 @@
 """Reproduction plumbing: resumable steps, argument errors, table assembly in the paper's schema."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,16 @@ def test_collect_results_tool_writes_filled_table(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "collect_results.py"), "--independent",
                            str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "results file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ablation_labels_are_valid_method_names():
+    """Each ablation row's label goes to collect_results.py as --method LABEL=FOLDER: no '=' in it."""
+    text = (REPO / "scripts" / "reproduce_ablation.sh").read_text()
+    rows = re.findall(r'^  "(advbct[^:"]*):([^:"]*):([^"]*)"$', text, flags=re.M)
+    assert [name for name, _, _ in rows] == ["advbct", "advbct_no_adv", "advbct_no_elastic", "advbct_T0.4",
+                                             "advbct_T0.6", "advbct_T0.8", "advbct_T1.0", "advbct_T1.2"]
+    for name, label, opts in rows:
+        assert label and "=" not in label, name
+        if name.startswith("advbct_T"):  # the row's name, label and override agree on T
+            t = name[len("advbct_T"):]
+            assert label == f"T {t}" and opts == f"COMP_LOSS.THRESHOLD {t}"

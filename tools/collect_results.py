@@ -29,7 +29,7 @@ def main(argv=None):
     methods = {}
     for item in args.method:
         if "=" not in item:
-            raise UserError(f"--method expects NAME=FOLDER, got '{item}'")
+            raise UserError(f"--method expects NAME=FOLDER (NAME without '='), got '{item}'")
         name, folder = item.split("=", 1)
         methods[name] = folder
     table = collect_block(args.independent, methods, args.datasets, args.description)
