@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 SMALL = ["--device", "cpu", "--batch", "48", "--dim", "16", "--old-classes", "30", "--new-classes", "100",
@@ -18,6 +19,7 @@ SMALL = ["--device", "cpu", "--batch", "48", "--dim", "16", "--old-classes", "30
 
 @pytest.fixture(scope="module")
 def benchmark_cli():
+    threads = torch.get_num_threads()  # the benchmark's --threads sets it process-wide: restore it after
     sys.path.insert(0, TOOLS)
     try:
         spec = importlib.util.spec_from_file_location("advbct_benchmark_cli", os.path.join(TOOLS, "benchmark.py"))
@@ -26,6 +28,7 @@ def benchmark_cli():
         yield module, importlib.import_module("benchmarks.losses")
     finally:
         sys.path.remove(TOOLS)
+        torch.set_num_threads(threads)
 
 
 def test_every_method_agrees_with_its_reference_and_json_schema(benchmark_cli, tmp_path):
