@@ -20,14 +20,17 @@ VARIANTS=(
   "advbct_T1.0:T 1.0:COMP_LOSS.THRESHOLD 1.0"
   "advbct_T1.2:T 1.2:COMP_LOSS.THRESHOLD 1.2"
 )
-# a T row equal to the block's own threshold is the block's AdvBCT model: reuse it instead of retraining
-BLOCK_T="$("$PYTHON" -c "import sys; from advbct.config import load_config; print(load_config(sys.argv[1]).COMP_LOSS.THRESHOLD)" "$CFG/advbct.yml")"
+# the T row equal to the block's own threshold is the block's AdvBCT model: reuse it instead of retraining
+SAME_T="$("$PYTHON" -c "import sys; from advbct.config import load_config
+t = load_config(sys.argv[1]).COMP_LOSS.THRESHOLD
+print(' '.join(n for n in sys.argv[2:] if n.startswith('advbct_T') and float(n[len('advbct_T'):]) == t))" \
+  "$CFG/advbct.yml" "${VARIANTS[@]%%:*}")"
 method_args=()
 for v in "${VARIANTS[@]}"; do
   IFS=: read -r name label opts <<<"$v"
   read -r -a extra <<<"$opts"  # empty for the block's own config
-  if [[ "$name" == advbct_T* ]] && "$PYTHON" -c "import sys; sys.exit(float(sys.argv[1]) != float(sys.argv[2]))" "${name#advbct_T}" "$BLOCK_T"; then
-    echo "[same] $name ($BACKBONE) is the block's AdvBCT (T = $BLOCK_T): reusing $OUT/eval/advbct"
+  if [[ " $SAME_T " == *" $name "* ]]; then
+    echo "[same] $name ($BACKBONE) is the block's AdvBCT: reusing $OUT/eval/advbct"
     method_args+=(--method "$label=$OUT/eval/advbct")
     continue
   fi

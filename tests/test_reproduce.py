@@ -118,3 +118,15 @@ def test_ablation_labels_are_valid_method_names():
         if name.startswith("advbct_T"):  # the row's name, label and override agree on T
             t = name[len("advbct_T"):]
             assert label == f"T {t}" and opts == f"COMP_LOSS.THRESHOLD {t}"
+
+
+def test_collect_results_names_an_equals_sign_in_the_method_name(tmp_path):
+    """'T = 0.4=DIR' splits into name 'T ' and folder ' 0.4=DIR': one line saying what is wrong."""
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "collect_results.py"), "--independent", str(folder),
+                           "--method", f"T = 0.4={folder}", "--out", str(tmp_path / "t.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "NAME must not contain '='" in proc.stderr and f"'T = 0.4={folder}'" in proc.stderr
+    assert not (tmp_path / "t.json").exists()

@@ -5,6 +5,7 @@
 """
 
 import argparse
+import os
 
 from advbct.cli import guarded
 from advbct.errors import UserError
@@ -29,8 +30,10 @@ def main(argv=None):
     methods = {}
     for item in args.method:
         if "=" not in item:
-            raise UserError(f"--method expects NAME=FOLDER (NAME without '='), got '{item}'")
+            raise UserError(f"--method expects NAME=FOLDER, got '{item}'")
         name, folder = item.split("=", 1)
+        if "=" in folder and not os.path.isdir(folder):  # "T = 0.4=dir": the name itself held an '='
+            raise UserError(f"--method '{item}': NAME must not contain '=' (expected NAME=FOLDER)")
         methods[name] = folder
     table = collect_block(args.independent, methods, args.datasets, args.description)
     table["blocks"] = {args.block: table["blocks"]["block"]}

@@ -63,8 +63,7 @@ class ElasticBoundaryLoss(nn.Module):
         violator = excess > 0 if rows is not None else valid & (excess > 0)
         n_viol = violator.sum()
         loss = (excess * violator).sum() / n_viol.clamp(min=1)
-        n_valid = valid.sum()
-        return loss, {"violation_rate": n_viol / n_valid.clamp(min=1), "violators": n_viol}
+        return loss, {"violation_rate": n_viol / valid.sum().clamp(min=1), "violators": n_viol}
 
     def extra_repr(self) -> str:
         mode = f"elastic, T={self.threshold}" if self.elastic else f"fixed r_{self.fixed_radius}"

@@ -227,10 +227,10 @@ def run(args) -> dict:
             part = method.partition("_")[2]  # "", "boundary" or "adversarial"
             cfg = {"TYPE": "advbct", "BOUNDARY": part != "adversarial", "ADVERSARIAL": part != "boundary"}
             loss = build_compat_loss(cfg, **common).to(device)
-            eb_weight = torch.zeros(n_new, device=device)
-            if loss.boundary is not None:
+            if loss.boundary is not None:  # the original's ElasticBoundary weight spans all new classes
+                eb_weight = torch.zeros(n_new, device=device)
                 eb_weight[:n_old] = loss.boundary.elastic_weight.detach()
-            eb_weight.requires_grad_(True)
+                eb_weight.requires_grad_(True)
             alpha = grl_alpha(progress)
             adv_w = (total_epochs - epoch + 1) / total_epochs
             leaves = [feat, *loss.parameters()]
