@@ -35,7 +35,7 @@ for v in "${VARIANTS[@]}"; do
     continue
   fi
   run_step "$name ($BACKBONE)" "$OUT/$name/final.pth" "$LOGS/$name.log" \
-    bash scripts/train_new.sh "$CFG/advbct.yml" "${DATA_OPTS[@]}" "${COMPAT[@]}" "${extra[@]}" OUTPUT "$OUT/$name"
+    bash scripts/train_new.sh "$CFG/advbct.yml" "${DATA_OPTS[@]}" "${NEW_INIT[@]}" "${COMPAT[@]}" "${extra[@]}" OUTPUT "$OUT/$name"
   evaluate_model "$name"
   method_args+=(--method "$label=$OUT/eval/$name")
 done

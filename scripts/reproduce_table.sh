@@ -14,7 +14,7 @@ prepare_block
 for entry in "${METHODS[@]}"; do
   m="${entry%%:*}"
   run_step "$m ($BACKBONE)" "$OUT/$m/final.pth" "$LOGS/$m.log" \
-    bash scripts/train_new.sh "$CFG/$m.yml" "${DATA_OPTS[@]}" "${COMPAT[@]}" OUTPUT "$OUT/$m"
+    bash scripts/train_new.sh "$CFG/$m.yml" "${DATA_OPTS[@]}" "${NEW_INIT[@]}" "${COMPAT[@]}" OUTPUT "$OUT/$m"
 done
 for model in independent "${METHODS[@]%%:*}"; do evaluate_model "$model"; done
 method_args=()

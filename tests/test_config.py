@@ -101,6 +101,11 @@ def test_repo_configs_are_valid():
                 assert cfg.DATA.TRAIN_LIST.endswith(
                     f"_train_{'old_30' if row == 'old' else 'new_100'}percent_{alloc}.txt")
                 assert cfg.OUTPUT.endswith(f"/{alloc}_r18/old" if row == "old" else f"/{block}/{row}")
+                if family == "synthetic":  # old and new start from the pretrained stand-in for ImageNet
+                    init = "r18" if row == "old" else block.split("_")[1]
+                    assert cfg.MODEL.PRETRAINED_PATH == f"./output/synthetic/pretrain_{init}/final.pth"
+                else:
+                    assert cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
                 if row in ("old", "independent"):
                     assert cfg.COMP_LOSS.TYPE == ""
                 else:   # compatible rows: their method, the R18 old model of the same allocation, its meta
@@ -108,9 +113,15 @@ def test_repo_configs_are_valid():
                     assert cfg.OLD_MODEL.WEIGHTS.endswith(f"/{alloc}_r18/old/final.pth")
                     assert cfg.COMP_LOSS.META_PATH.endswith(f"/{alloc}_r18/old/meta.pt")
                     assert cfg.META.TRAIN_LIST.endswith(f"_train_old_30percent_{alloc}.txt")
+    for arch in ("18", "50"):  # the synthetic pretraining configs: from scratch, on the pretrain/ corpus
+        cfg = load_config(str(root / "synthetic" / f"pretrain_r{arch}.yml"))
+        assert cfg.MODEL.ARCH == f"resnet{arch}" and not cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
+        assert cfg.DATA.TRAIN_LIST == "./data/synthetic-small/pretrain/train_list.txt" and not cfg.COMP_LOSS.TYPE
+        assert cfg.OUTPUT == f"./output/synthetic/pretrain_r{arch}"
     files = sorted(root.rglob("*.yml"))
     # per family: R18 blocks 7 rows + _compatible.yml, R50 blocks 6 + 1, one base.yml; plus test_model.yml
-    assert len(files) == 2 * (2 * 8 + 2 * 7 + 1) + 1
+    # and the two synthetic pretraining configs
+    assert len(files) == 2 * (2 * 8 + 2 * 7 + 1) + 1 + 2
     for f in files:
         load_config(str(f))
 

@@ -122,6 +122,33 @@ def test_pretrained_file_of_wrong_architecture_is_user_error(tmp_path):
         build_backbone("resnet18", weights_path=str(path))
 
 
+def test_pretrained_from_advbct_checkpoint_or_classifier_free_file(tmp_path):
+    """MODEL.PRETRAINED_PATH may be a trained advbct checkpoint (its backbone is taken; head and classifier
+    are not) or a torchvision file without the classifier; a missing backbone tensor is still an error."""
+    from advbct.models import save_checkpoint
+
+    torch.manual_seed(5)
+    source = build_model("resnet18", embed_dim=8, num_classes=3)
+    with torch.no_grad():
+        source.backbone.bn1.running_var.uniform_(0.5, 2)
+    ckpt = tmp_path / "final.pth"
+    save_checkpoint(str(ckpt), {"model": source.state_dict(), "epoch": 1, "num_classes": 3})
+    torch.manual_seed(6)
+    model = build_model("resnet18", embed_dim=8, num_classes=5, weights_path=str(ckpt))
+    own, src = model.backbone.state_dict(), source.backbone.state_dict()
+    assert own.keys() == src.keys() and all(torch.equal(own[k], src[k]) for k in own)
+    assert not torch.equal(model.embedding.fc.weight, source.embedding.fc.weight)  # head: fresh init
+
+    bare = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    torch.save(bare, tmp_path / "no_fc.pth")
+    backbone, dim = build_backbone("resnet18", weights_path=str(tmp_path / "no_fc.pth"))
+    assert dim == 512 and torch.equal(backbone.layer1[0].conv1.weight, bare["layer1.0.conv1.weight"])
+    del bare["layer4.1.bn2.weight"]
+    torch.save(bare, tmp_path / "short.pth")
+    with pytest.raises(UserError, match=r"short.pth: weights do not match .*missing \['layer4.1.bn2.weight'\]"):
+        build_backbone("resnet18", weights_path=str(tmp_path / "short.pth"))
+
+
 # ---------------------------------------------------------------------------------------------- heads
 def test_embedding_head_is_bias_free_linear_then_batchnorm():
     torch.manual_seed(1)

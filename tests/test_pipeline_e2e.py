@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from advbct.data.image_list import read_image_list
 from advbct.data.splits import make_allocation
+from advbct.data.synthetic import PRESETS
 from advbct.meta import load_meta
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,12 +87,17 @@ def base(tiny_synthetic, tmp_path_factory):
     split = make_allocation(str(full_list), "class", OLD_RATIO, out_dir=str(work / "lists"))
     cfg = work / "common.yml"
     cfg.write_text(COMMON_YAML.format(emb=EMB, root=gld))
+    # the synthetic stand-in for ImageNet weights: a classifier on pretrain/, then the old model from it
+    pretrain = work / "pretrain"
+    run_script("train_new.sh", cfg, "DATA.ROOT", Path(tiny_synthetic) / "pretrain",
+               "DATA.TRAIN_LIST", Path(tiny_synthetic) / "pretrain" / "train_list.txt", "OUTPUT", pretrain)
     old_out = work / "old"
-    run_script("train_old.sh", cfg, "DATA.TRAIN_LIST", split["files"]["old"], "OUTPUT", old_out)
+    run_script("train_old.sh", cfg, "DATA.TRAIN_LIST", split["files"]["old"], "OUTPUT", old_out,
+               "MODEL.PRETRAINED_PATH", pretrain / "final.pth")
     meta = work / "meta.pt"
     proc = run_script("extract_meta.sh", cfg, "OLD_MODEL.WEIGHTS", old_out / "final.pth",
                       "META.TRAIN_LIST", split["files"]["old"], "COMP_LOSS.META_PATH", meta)
-    return {"work": work, "cfg": cfg, "split": split, "old": old_out, "meta": meta, "meta_stdout": proc.stdout,
+    return {"work": work, "cfg": cfg, "split": split, "old": old_out, "pretrain": pretrain, "meta": meta, "meta_stdout": proc.stdout,
             "revisited": Path(tiny_synthetic) / "ROxfordParis", "cache": {}}
 
 
@@ -122,6 +129,13 @@ def test_allocation_old_model_and_meta(base):
     assert sorted(set(new_labels.tolist())) == list(range(n_new))
     old_state = load(base["old"] / "final.pth")
     assert old_state["num_classes"] == n_old
+    # the old model started from the pretrained backbone: two short steps away from it, not from a fresh init
+    pre_state = load(base["pretrain"] / "final.pth")
+    assert pre_state["num_classes"] == PRESETS["tiny"].pretrain_classes
+    key = "backbone.layer1.0.conv1.weight"
+    fresh = torchvision.models.resnet18().layer1[0].conv1.weight.detach()
+    moved = (old_state["model"][key] - pre_state["model"][key]).norm()
+    assert moved < 0.1 * (fresh - pre_state["model"][key]).norm()
     assert tuple(old_state["model"]["classifier.weight"].shape) == (n_old, EMB)
     meta = load_meta(base["meta"])
     assert meta.num_classes == n_old and meta.embed_dim == EMB

@@ -41,6 +41,17 @@ echo unreachable
     assert proc.returncode == 1 and "ended without writing out/c.txt" in proc.stderr
 
 
+def test_stale_synthetic_benchmark_stops_with_how_to_regenerate(tmp_path):
+    """A benchmark of format 1 (no pretrain/) is refused by the scripts' first step, in one line."""
+    (tmp_path / "SYNTHETIC.json").write_text(json.dumps({"format_version": 1, "preset": "small"}))
+    lib = REPO / "scripts" / "lib"
+    proc = bash(f"set -euo pipefail; source {lib}/launch.sh; source {lib}/pipeline.sh; "
+                f"x=\"$(synthetic_train_list {tmp_path})\"; echo reached", REPO)
+    assert proc.returncode == 2 and "reached" not in proc.stdout
+    assert proc.stderr.count("\n") == 1 and "format version 1, this code needs 2" in proc.stderr
+    assert f"make_synthetic.py --out {tmp_path} --preset small --overwrite" in proc.stderr
+
+
 @pytest.mark.parametrize("script", ["reproduce_table.sh", "reproduce_ablation.sh"])
 @pytest.mark.parametrize("args, needle", [
     (["foo", "r18"], "unknown allocation 'foo'"),

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from advbct.data import synthetic
-from advbct.data.image_list import load_image
+from advbct.data.image_list import load_image, read_image_list
 from advbct.data.revisited import load_revisited
 from advbct.data.safe_pickle import safe_load_pickle
 from advbct.data.synthetic import PRESETS, Scene, make_scene, make_synthetic, render_view
@@ -60,6 +60,26 @@ def test_summary_matches_files(tiny_synthetic):
     assert p.train_classes * p.train_images[0] <= g["train_images"] <= p.train_classes * p.train_images[1]
     img = Image.open(tiny_synthetic / "ROxfordParis" / "roxford5k" / "jpg" / "oxford_lm00_q000.jpg")
     assert img.size == (p.image_size, p.image_size) and img.format == "JPEG"
+    assert summary["format_version"] == synthetic.FORMAT_VERSION == 2
+
+
+def test_pretrain_corpus(tiny_synthetic):
+    """pretrain/: a labelled image list over its own landmarks (classes 0..C-1, folder = class), every
+    image on disk at the preset's size, and no image shared with the GLDv2 train set."""
+    summary = json.loads((tiny_synthetic / "SYNTHETIC.json").read_text())
+    p = PRESETS["tiny"]
+    info = summary["pretrain"]
+    paths, labels = read_image_list(tiny_synthetic / info["train_list"], root=tiny_synthetic / "pretrain")
+    assert info["classes"] == p.pretrain_classes and info["images"] == len(paths)
+    counts = np.bincount(labels, minlength=p.pretrain_classes)
+    assert len(counts) == p.pretrain_classes
+    assert counts.min() >= p.pretrain_images[0] and counts.max() <= p.pretrain_images[1]
+    assert all(os.path.basename(os.path.dirname(path)) == f"{label:05d}" for path, label in zip(paths, labels))
+    assert all(os.path.isfile(path) for path in paths)
+    assert Image.open(paths[0]).size == (p.image_size, p.image_size)
+    ids = {os.path.basename(path) for path in paths}
+    gld_ids = {os.path.basename(f) for f in _all_files(tiny_synthetic / "gldv2" / "train")}
+    assert len(ids) == len(paths) and not ids & gld_ids
 
 
 @pytest.mark.parametrize("name", ["roxford5k", "rparis6k"])
@@ -140,6 +160,18 @@ def test_output_folder_safety(tmp_path):
     (ours / synthetic.PARTIAL_MARKER).write_text("{}")
     synthetic._prepare_out(str(ours), overwrite=False)
     assert not (ours / "ROxfordParis").exists()
+
+
+def test_read_summary_checks_presence_and_format_version(tiny_synthetic, tmp_path):
+    assert synthetic.read_summary(tiny_synthetic)["pretrain"]["train_list"] == "pretrain/train_list.txt"
+    with pytest.raises(UserError, match=f"{tmp_path / synthetic.MARKER} not found: generate"):
+        synthetic.read_summary(tmp_path)
+    (tmp_path / synthetic.MARKER).write_text(json.dumps({"format_version": 1, "preset": "small"}))
+    with pytest.raises(UserError, match="format version 1, this code needs 2 .*--preset small --overwrite"):
+        synthetic.read_summary(tmp_path)
+    (tmp_path / synthetic.MARKER).write_text("{not json")
+    with pytest.raises(UserError, match="not a readable synthetic benchmark summary"):
+        synthetic.read_summary(tmp_path)
 
 
 def test_make_synthetic_tool_error_exit(tmp_path, capsys):

@@ -9,6 +9,11 @@ colour cast, gamma) and noise; a ``strength`` in [0, 1] scales every change. Rev
 it for its levels: easy = mild, hard = strong, junk = a zoomed-in fragment that is mostly occluded.
 Train, test and distractor landmarks come from disjoint seeds. Every image has its own random stream
 (seed, kind, landmark, image), so the output is byte-identical for a given seed.
+
+Beside the three test formats it writes ``pretrain/``: labelled views of yet other landmarks, one folder
+per class with an image list, the stand-in for ImageNet. The paper starts both old and new models from
+one ImageNet backbone; the synthetic blocks pretrain one backbone here and start both from it, which is
+what lets a compatibility learnt on the training classes carry over to unseen test landmarks.
 """
 
 import hashlib
@@ -25,7 +30,7 @@ from PIL import Image, ImageDraw
 from advbct.data.gldv2 import image_relpath, prepare_gldv2
 from advbct.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds pretrain/
 MARKER = "SYNTHETIC.json"  # written last: its presence means a complete benchmark
 PARTIAL_MARKER = "SYNTHETIC.partial"  # written first, removed at the end: an interrupted generation
 JPEG_QUALITY = 90
@@ -51,21 +56,26 @@ class Preset:
     gld_index: tuple  # (min, max) index images per landmark
     gld_distractors: int  # index images of other landmarks
     gld_ignored: int  # test images without landmark in the index (Usage Ignored)
+    pretrain_classes: int  # landmarks of the pretraining corpus (pretrain/), disjoint from all others
+    pretrain_images: tuple  # (min, max) images per pretraining landmark
 
 
 PRESETS = {
     "tiny": Preset(
         image_size=64, train_classes=40, train_images=(8, 12), train_noise=0.05, dropped_classes=2,
         rev_landmarks=4, rev_queries=2, rev_easy=7, rev_hard=5, rev_junk=3, rev_distractors=90,
-        gld_landmarks=10, gld_queries=2, gld_index=(6, 10), gld_distractors=120, gld_ignored=6),
+        gld_landmarks=10, gld_queries=2, gld_index=(6, 10), gld_distractors=120, gld_ignored=6,
+        pretrain_classes=40, pretrain_images=(8, 12)),
     "small": Preset(
         image_size=64, train_classes=200, train_images=(12, 18), train_noise=0.05, dropped_classes=5,
         rev_landmarks=10, rev_queries=3, rev_easy=20, rev_hard=15, rev_junk=10, rev_distractors=150,
-        gld_landmarks=50, gld_queries=2, gld_index=(10, 14), gld_distractors=900, gld_ignored=20),
+        gld_landmarks=50, gld_queries=2, gld_index=(10, 14), gld_distractors=900, gld_ignored=20,
+        pretrain_classes=200, pretrain_images=(12, 18)),
     "medium": Preset(
         image_size=96, train_classes=1000, train_images=(14, 26), train_noise=0.05, dropped_classes=20,
         rev_landmarks=14, rev_queries=5, rev_easy=40, rev_hard=30, rev_junk=20, rev_distractors=1740,
-        gld_landmarks=200, gld_queries=2, gld_index=(12, 18), gld_distractors=5000, gld_ignored=100),
+        gld_landmarks=200, gld_queries=2, gld_index=(12, 18), gld_distractors=5000, gld_ignored=100,
+        pretrain_classes=1000, pretrain_images=(14, 26)),
 }
 
 # strength ranges of the image kinds; junk images are zoomed fragments (see render_view)
@@ -82,7 +92,7 @@ LEVELS = {
 # seed domains: landmarks of different roles never share a scene seed
 _KIND = {
     "gld_train": 1, "gld_dropped": 2, "gld_test": 3, "gld_distractor": 4, "gld_ignored": 5, "gld_noise": 6,
-    "roxford5k": 7, "roxford5k_distractor": 8, "rparis6k": 9, "rparis6k_distractor": 10,
+    "roxford5k": 7, "roxford5k_distractor": 8, "rparis6k": 9, "rparis6k_distractor": 10, "pretrain": 11,
 }
 
 # shared palette (stone, brick, slate, copper, gold, foliage, sky ...): colour is weak evidence of identity
@@ -537,10 +547,27 @@ def _write_gldv2_images(world, root):
     return {"train_csv_rows": len(train_rows), "index": len(index), "test": len(queries)}
 
 
+def _write_pretrain(world, root):
+    """Write the pretraining corpus: ``train/<class>/<id>.jpg`` and ``train_list.txt`` (``path label``
+    lines, the format of :mod:`advbct.data.image_list`); returns counts and the list's name."""
+    p, seed = world.preset, world.seed
+    lines = []
+    for k in range(p.pretrain_classes):
+        scene = world.scene("pretrain", k)
+        n = int(_rng(seed, 3001, k).integers(p.pretrain_images[0], p.pretrain_images[1] + 1))
+        for i in range(n):
+            rel = f"train/{k:05d}/{_image_id(seed, 'pretrain', k, i)}.jpg"
+            _save_jpeg(world.view(scene, "pretrain", k, i, "train")[0], os.path.join(root, rel))
+            lines.append(f"{rel} {k}\n")
+    with open(os.path.join(root, "train_list.txt"), "w", encoding="utf-8", newline="\n") as handle:
+        handle.write("".join(lines))
+    return {"classes": p.pretrain_classes, "images": len(lines), "train_list": "pretrain/train_list.txt"}
+
+
 def _prepare_out(out, overwrite):
     """Create ``out``; replace an earlier benchmark of ours only with ``overwrite`` (an interrupted one
     always), and never anything that this generator did not write."""
-    targets = [os.path.join(out, "gldv2"), os.path.join(out, "ROxfordParis")]
+    targets = [os.path.join(out, name) for name in ("gldv2", "ROxfordParis", "pretrain")]
     marker, partial = os.path.join(out, MARKER), os.path.join(out, PARTIAL_MARKER)
     present = [t for t in targets if os.path.exists(t)]
     if present:
@@ -557,7 +584,8 @@ def _prepare_out(out, overwrite):
 
 
 def make_synthetic(out, preset="tiny", seed=0, overwrite=False):
-    """Generate the benchmark under ``out`` (``gldv2/``, ``ROxfordParis/``) and prepare the GLDv2 lists.
+    """Generate the benchmark under ``out`` (``gldv2/``, ``ROxfordParis/``, ``pretrain/``) and prepare the
+    GLDv2 lists.
 
     Same (preset, seed) -> byte-identical files. Returns the summary, also written to
     ``out/SYNTHETIC.json`` once everything is on disk.
@@ -580,8 +608,28 @@ def make_synthetic(out, preset="tiny", seed=0, overwrite=False):
     prepared = prepare_gldv2(gld_root, gld_root, image_root=gld_root)
     prepared["train_list"] = os.path.relpath(prepared["train_list"], out)
     summary["gldv2"].update(prepared)
+    summary["pretrain"] = _write_pretrain(world, os.path.join(out, "pretrain"))
     _write_json(os.path.join(out, MARKER), summary)
     os.remove(os.path.join(out, PARTIAL_MARKER))
+    return summary
+
+
+def read_summary(out):
+    """The summary of the complete benchmark under ``out``; a missing one, or one written by another
+    format version (older benchmarks lack ``pretrain/``), is a UserError saying how to regenerate."""
+    path = os.path.join(str(out), MARKER)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: generate the benchmark with tools/make_synthetic.py --out {out}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable synthetic benchmark summary ({exc})") from None
+    version = summary.get("format_version") if isinstance(summary, dict) else None
+    if version != FORMAT_VERSION:
+        preset = summary.get("preset", "PRESET") if isinstance(summary, dict) else "PRESET"
+        raise UserError(f"{path}: format version {version}, this code needs {FORMAT_VERSION} (with pretrain/): "
+                        f"regenerate with tools/make_synthetic.py --out {out} --preset {preset} --overwrite")
     return summary
 
 

@@ -2,7 +2,9 @@
 
 The paper uses ImageNet-pretrained ResNet-18/50 with global average pooling (PAPER.md "Model (code)");
 any torchvision classifier whose last layer is a ``Linear`` works the same way. Pretrained weights are
-read from a local file (``weights_path``) or the torch hub cache; nothing is ever downloaded.
+read from a local file (``weights_path``) or the torch hub cache; nothing is ever downloaded. A local
+file may also be an advbct checkpoint, whose backbone is then used (the synthetic blocks start old and new
+models from one backbone pretrained on disjoint landmarks, as the paper starts both from ImageNet).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _UNSUPPORTED = {
 # EfficientNet/MobileNet/ConvNeXt/DenseNet/VGG/MNASNet/MaxViT: classifier; Swin: head; ViT: heads).
 _HEAD_ATTRS = ("fc", "classifier", "head", "heads")
 # Old DenseNet checkpoints name layers "norm.1" where the modules are now "norm1" (torchvision's format).
+# An advbct checkpoint (RetrievalModel state dict) holds its backbone under this prefix.
+_MODEL_BACKBONE = "backbone."
 _DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
@@ -64,18 +68,19 @@ def default_weights_file(arch: str) -> tuple[str, str]:
     return os.path.join(torch.hub.get_dir(), "checkpoints", filename), url
 
 
-def _strip_classifier(model: nn.Module, arch: str) -> int:
-    """Replace the final Linear classifier by Identity in place; return its input width (feature dim)."""
+def _strip_classifier(model: nn.Module, arch: str) -> tuple[int, str]:
+    """Replace the final Linear classifier by Identity in place; return its input width (feature dim)
+    and the state-dict prefix its parameters had (e.g. ``fc.``)."""
     for attr in _HEAD_ATTRS:
         head = getattr(model, attr, None)
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Identity())
-            return head.in_features
+            return head.in_features, f"{attr}."
         if isinstance(head, nn.Sequential) and len(head) > 0:
             last_name, last = list(head.named_children())[-1]
             if isinstance(last, nn.Linear):
                 setattr(head, last_name, nn.Identity())
-                return last.in_features
+                return last.in_features, f"{attr}.{last_name}."
     raise UserError(f"backbone '{arch}': no final Linear classifier found to remove")
 
 
@@ -93,13 +98,18 @@ def _read_weights(path: str) -> dict:
     keys = list(obj)
     if all(k.startswith("module.") for k in keys):
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    if any(k.startswith(_MODEL_BACKBONE) for k in obj):  # an advbct checkpoint: its backbone only
+        obj = {k[len(_MODEL_BACKBONE):]: v for k, v in obj.items() if k.startswith(_MODEL_BACKBONE)}
     return dict(obj)
 
 
-def _load_pretrained(model: nn.Module, arch: str, path: str) -> None:
+def _load_pretrained(model: nn.Module, arch: str, path: str, classifier_prefix: str) -> None:
+    """Load ``path`` into ``model`` (classifier already removed): the file's classifier weights, if any,
+    are ignored; every other tensor must match by name and shape."""
     state = _read_weights(path)
     if arch.startswith("densenet"):
         state = {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(classifier_prefix)}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -127,11 +137,12 @@ def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None
     """
     name = _check_arch(arch)
     model = torchvision.models.get_model(name, weights=None)
+    out_dim, classifier_prefix = _strip_classifier(model, name)
     path = os.fspath(weights_path) if weights_path else None
     if path is not None:
         if not os.path.isfile(path):
             raise UserError(f"pretrained weights file not found: {path}")
-        _load_pretrained(model, name, path)
+        _load_pretrained(model, name, path, classifier_prefix)
     elif pretrained:
         path, url = default_weights_file(name)
         if not os.path.isfile(path):
@@ -139,6 +150,5 @@ def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None
                 f"ImageNet weights for '{name}' not found: put {os.path.basename(path)} "
                 f"(from {url}) at {path}, or give its path in MODEL.PRETRAINED_PATH; nothing is downloaded"
             )
-        _load_pretrained(model, name, path)
-    out_dim = _strip_classifier(model, name)
+        _load_pretrained(model, name, path, classifier_prefix)
     return model, out_dim

@@ -1,5 +1,5 @@
 # Sourced by reproduce_table.sh / reproduce_ablation.sh: argument parsing, paths, and the steps every
-# block shares (synthetic data, split, old model, meta, phi*). Expects `usage` to be set.
+# block shares (synthetic data and pretrained backbones, split, old model, meta, phi*). Expects `usage` to be set.
 [[ $# -ge 2 ]] || { echo "$usage" >&2; exit 2; }
 ALLOC="$1"; BACKBONE="$2"; shift 2
 PRESET=""
@@ -27,11 +27,15 @@ if [[ -n "$PRESET" ]]; then
   REV_ROOT="$DATA/ROxfordParis"; GLD_ROOT="$DATA/gldv2"
   read -r -a DATA_OPTS <<<"$(synthetic_overrides "$DATA" "$ALLOC")"
   EVAL_OPTS=(EVAL.IMG_SIZE 64 EVAL.NUM_WORKERS 1 EVAL.BATCH_SIZE 128)
+  # the stand-in for ImageNet weights: one pretrained backbone per architecture, shared by every block
+  PRETRAIN_ROOT="./output/reproduce/pretrain${TAG}"
+  OLD_INIT=(MODEL.PRETRAINED_PATH "$PRETRAIN_ROOT/r18/final.pth")
+  NEW_INIT=(MODEL.PRETRAINED_PATH "$PRETRAIN_ROOT/$BACKBONE/final.pth")
 else
   CFG="configs/gldv2/$BLOCK"
   DATA=./data/GLDv2; TAG=""
   REV_ROOT=./data/ROxfordParis; GLD_ROOT=./data/GLDv2
-  DATA_OPTS=(); EVAL_OPTS=()
+  DATA_OPTS=(); EVAL_OPTS=(); OLD_INIT=(); NEW_INIT=()   # ImageNet weights from the torch hub cache
   for need in "$DATA/label_81313.txt" "$REV_ROOT/gnd_roxford5k.pkl" "$REV_ROOT/gnd_rparis6k.pkl" "$GLD_ROOT/gldv2_private_query_gt.txt"; do
     [[ -e "$need" ]] || { echo "error: $need not found: lay out the datasets as in Dataset.md (or use --synthetic PRESET)" >&2; exit 2; }
   done
@@ -47,19 +51,21 @@ prepare_block() {
   if [[ -n "$PRESET" ]]; then
     run_step "synthetic benchmark ($PRESET)" "$DATA/SYNTHETIC.json" "$LOGS/synthetic.log" \
       "$PYTHON" tools/make_synthetic.py --out "$DATA" --preset "$PRESET"
-    FULL_LIST="$DATA/$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['gldv2']['train_list'])" "$DATA/SYNTHETIC.json")"
+    FULL_LIST="$DATA/$(synthetic_train_list "$DATA")"
+    pretrain_backbone r18 "$DATA" "$PRETRAIN_ROOT/r18" "$LOGS/pretrain_r18.log"
+    [[ "$BACKBONE" == r18 ]] || pretrain_backbone "$BACKBONE" "$DATA" "$PRETRAIN_ROOT/$BACKBONE" "$LOGS/pretrain_$BACKBONE.log"
   else
     FULL_LIST="$DATA/label_81313.txt"
   fi
   run_step "split by $ALLOC (30 % old)" "$(dirname "$FULL_LIST")/gldv2_train_new_100percent_$ALLOC.txt" "$LOGS/split.log" \
     "$PYTHON" tools/split_dataset.py --list "$FULL_LIST" --by "$ALLOC" --ratio 0.3
   run_step "old model (R18, $ALLOC allocation)" "$OLD" "$LOGS/old.log" \
-    bash scripts/train_old.sh "configs/$(basename "$(dirname "$CFG")")/${ALLOC}_r18/old.yml" "${DATA_OPTS[@]}" \
+    bash scripts/train_old.sh "configs/$(basename "$(dirname "$CFG")")/${ALLOC}_r18/old.yml" "${DATA_OPTS[@]}" "${OLD_INIT[@]}" \
     DATA.TRAIN_LIST "$(dirname "$FULL_LIST")/gldv2_train_old_30percent_$ALLOC.txt" OUTPUT "$OLD_DIR"
   run_step "old-class meta" "$META" "$LOGS/meta.log" \
     bash scripts/extract_meta.sh "$CFG/advbct.yml" "${DATA_OPTS[@]}" "${COMPAT[@]}"
   run_step "phi* ($BACKBONE)" "$OUT/independent/final.pth" "$LOGS/independent.log" \
-    bash scripts/train_new.sh "$CFG/independent.yml" "${DATA_OPTS[@]}" OUTPUT "$OUT/independent"
+    bash scripts/train_new.sh "$CFG/independent.yml" "${DATA_OPTS[@]}" "${NEW_INIT[@]}" OUTPUT "$OUT/independent"
 }
 
 # evaluate_model NAME : self/cross/backfill of $OUT/NAME/final.pth against the old model on every test set

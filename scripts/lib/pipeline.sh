@@ -31,6 +31,24 @@ synthetic_overrides() {
        EVAL.ROOT "$data/ROxfordParis"
 }
 
+# synthetic_train_list DATA : the full GLDv2 train list of the benchmark in DATA (relative to DATA); a
+# benchmark of another format version (without pretrain/) stops the script with how to regenerate it
+synthetic_train_list() {
+  "$PYTHON" -c "import sys
+from advbct.cli import guarded
+from advbct.data.synthetic import read_summary
+guarded(lambda: print(read_summary(sys.argv[1])['gldv2']['train_list']))()" "$1"
+}
+
+# pretrain_backbone r18|r50 DATA DIR LOG : step training the synthetic stand-in for ImageNet weights (a
+# classifier on DATA/pretrain, landmarks disjoint from every other part) into DIR/final.pth
+pretrain_backbone() {
+  local bb="$1" data="$2" dir="$3" log="$4"
+  run_step "${STEP_PREFIX:-}pretrain backbone ($bb, $data/pretrain)" "$dir/final.pth" "$log" \
+    bash scripts/train_new.sh "configs/synthetic/pretrain_$bb.yml" DATA.ROOT "$data/pretrain" \
+    DATA.TRAIN_LIST "$data/pretrain/train_list.txt" OUTPUT "$dir"
+}
+
 # test_root DATA_ROOT_REVISITED DATA_ROOT_GLDV2 DATASET : the root scripts/test.sh expects
 test_root() {
   if [[ "$3" == gldv2 ]]; then echo "$2"; else echo "$1"; fi
