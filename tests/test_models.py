@@ -89,7 +89,7 @@ def test_pretrained_absent_names_file_location_and_url(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         build_backbone("resnet18", pretrained=True)
     assert expected in str(err.value) and RESNET18_URL in str(err.value)
-    with pytest.raises(UserError, match="not found: .*nowhere.pth"):
+    with pytest.raises(UserError, match=r"not found: .*nowhere.pth \(MODEL.PRETRAINED_PATH\)"):
         build_backbone("resnet18", weights_path=str(tmp_path / "nowhere.pth"))
 
 

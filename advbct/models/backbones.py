@@ -141,7 +141,7 @@ def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None
     path = os.fspath(weights_path) if weights_path else None
     if path is not None:
         if not os.path.isfile(path):
-            raise UserError(f"pretrained weights file not found: {path}")
+            raise UserError(f"pretrained weights file not found: {path} (MODEL.PRETRAINED_PATH)")
         _load_pretrained(model, name, path, classifier_prefix)
     elif pretrained:
         path, url = default_weights_file(name)
