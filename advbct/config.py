@@ -22,7 +22,7 @@ DEFAULTS = {
         "ARCH": ("resnet18", "torchvision backbone of the model being trained/evaluated"),
         "EMB_DIM": (256, "embedding size (Linear no bias -> BatchNorm1d head)"),
         "PRETRAINED": (True, "start from ImageNet weights (local file or torch hub cache; never downloaded)"),
-        "PRETRAINED_PATH": ("", "backbone weights: a torchvision file or an advbct checkpoint (its backbone); empty = torch hub cache"),
+        "PRETRAINED_PATH": ("", "backbone weights (torchvision file, or advbct checkpoint); empty = hub cache"),
         "WEIGHTS": ("", "trained checkpoint to load (evaluation, fine-tuning); ours or the original format"),
         "NUM_CLASSES": (0, "classifier outputs; 0 = max label of DATA.TRAIN_LIST + 1"),
         "SYNC_BN": (True, "convert BatchNorm to SyncBatchNorm when training on several processes"),

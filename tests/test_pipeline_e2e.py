@@ -87,18 +87,25 @@ def base(tiny_synthetic, tmp_path_factory):
     split = make_allocation(str(full_list), "class", OLD_RATIO, out_dir=str(work / "lists"))
     cfg = work / "common.yml"
     cfg.write_text(COMMON_YAML.format(emb=EMB, root=gld))
-    # the synthetic stand-in for ImageNet weights: a classifier on pretrain/, then the old model from it
+    # the synthetic stand-in for ImageNet weights: the scripts' pretraining step (configs/synthetic/
+    # pretrain_r18.yml on pretrain/, shrunk to the sizes above), then the old model from it
     pretrain = work / "pretrain"
-    run_script("train_new.sh", cfg, "DATA.ROOT", Path(tiny_synthetic) / "pretrain",
-               "DATA.TRAIN_LIST", Path(tiny_synthetic) / "pretrain" / "train_list.txt", "OUTPUT", pretrain)
+    lib = REPO / "scripts" / "lib"
+    shrink = (f"DATA.IMG_SIZE 32 MODEL.EMB_DIM {EMB} TRAIN.EPOCHS 1 TRAIN.MAX_ITERS_PER_EPOCH 2 "
+              "TRAIN.BATCH_SIZE 8 DATA.NUM_WORKERS 0")
+    proc = subprocess.run(["bash", "-c", f"set -euo pipefail; source {lib}/launch.sh; source {lib}/pipeline.sh; "
+                           f"pretrain_backbone r18 {tiny_synthetic} {pretrain} {work}/pretrain.log {shrink}"],
+                          cwd=REPO, env=dict(os.environ, NGPUS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"[run]  pretrain backbone (r18, {tiny_synthetic}/pretrain)" in proc.stdout
     old_out = work / "old"
     run_script("train_old.sh", cfg, "DATA.TRAIN_LIST", split["files"]["old"], "OUTPUT", old_out,
                "MODEL.PRETRAINED_PATH", pretrain / "final.pth")
     meta = work / "meta.pt"
     proc = run_script("extract_meta.sh", cfg, "OLD_MODEL.WEIGHTS", old_out / "final.pth",
                       "META.TRAIN_LIST", split["files"]["old"], "COMP_LOSS.META_PATH", meta)
-    return {"work": work, "cfg": cfg, "split": split, "old": old_out, "pretrain": pretrain, "meta": meta, "meta_stdout": proc.stdout,
-            "revisited": Path(tiny_synthetic) / "ROxfordParis", "cache": {}}
+    return {"work": work, "cfg": cfg, "split": split, "old": old_out, "pretrain": pretrain, "meta": meta,
+            "meta_stdout": proc.stdout, "revisited": Path(tiny_synthetic) / "ROxfordParis", "cache": {}}
 
 
 def train_new(base, method):
@@ -132,6 +139,8 @@ def test_allocation_old_model_and_meta(base):
     # the old model started from the pretrained backbone: two short steps away from it, not from a fresh init
     pre_state = load(base["pretrain"] / "final.pth")
     assert pre_state["num_classes"] == PRESETS["tiny"].pretrain_classes
+    assert pre_state["config"]["OUTPUT"] == str(base["pretrain"])
+    assert pre_state["config"]["MODEL"]["PRETRAINED"] is False  # from scratch, as pretrain_r18.yml says
     key = "backbone.layer1.0.conv1.weight"
     fresh = torchvision.models.resnet18().layer1[0].conv1.weight.detach()
     moved = (old_state["model"][key] - pre_state["model"][key]).norm()

@@ -625,9 +625,10 @@ def read_summary(out):
         raise UserError(f"{path} not found: generate the benchmark with tools/make_synthetic.py --out {out}") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable synthetic benchmark summary ({exc})") from None
-    version = summary.get("format_version") if isinstance(summary, dict) else None
+    fields = summary if isinstance(summary, dict) else {}
+    version = fields.get("format_version")
     if version != FORMAT_VERSION:
-        preset = summary.get("preset", "PRESET") if isinstance(summary, dict) else "PRESET"
+        preset = fields.get("preset", "PRESET")
         raise UserError(f"{path}: format version {version}, this code needs {FORMAT_VERSION} (with pretrain/): "
                         f"regenerate with tools/make_synthetic.py --out {out} --preset {preset} --overwrite")
     return summary

@@ -34,9 +34,9 @@ _UNSUPPORTED = {
 # Attribute names torchvision uses for the final classifier (ResNet/RegNet/ShuffleNet: fc;
 # EfficientNet/MobileNet/ConvNeXt/DenseNet/VGG/MNASNet/MaxViT: classifier; Swin: head; ViT: heads).
 _HEAD_ATTRS = ("fc", "classifier", "head", "heads")
-# Old DenseNet checkpoints name layers "norm.1" where the modules are now "norm1" (torchvision's format).
 # An advbct checkpoint (RetrievalModel state dict) holds its backbone under this prefix.
 _MODEL_BACKBONE = "backbone."
+# Old DenseNet checkpoints name layers "norm.1" where the modules are now "norm1" (torchvision's format).
 _DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )

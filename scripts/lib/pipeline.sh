@@ -40,13 +40,14 @@ from advbct.data.synthetic import read_summary
 guarded(lambda: print(read_summary(sys.argv[1])['gldv2']['train_list']))()" "$1"
 }
 
-# pretrain_backbone r18|r50 DATA DIR LOG : step training the synthetic stand-in for ImageNet weights (a
-# classifier on DATA/pretrain, landmarks disjoint from every other part) into DIR/final.pth
+# pretrain_backbone r18|r50 DATA DIR LOG [KEY VALUE ...] : step training the synthetic stand-in for
+# ImageNet weights (configs/synthetic/pretrain_<bb>.yml: a classifier on DATA/pretrain, landmarks disjoint
+# from every other part) into DIR/final.pth; STEP_PREFIX (e.g. "2/9 ") numbers the step in the log
 pretrain_backbone() {
   local bb="$1" data="$2" dir="$3" log="$4"
   run_step "${STEP_PREFIX:-}pretrain backbone ($bb, $data/pretrain)" "$dir/final.pth" "$log" \
     bash scripts/train_new.sh "configs/synthetic/pretrain_$bb.yml" DATA.ROOT "$data/pretrain" \
-    DATA.TRAIN_LIST "$data/pretrain/train_list.txt" OUTPUT "$dir"
+    DATA.TRAIN_LIST "$data/pretrain/train_list.txt" OUTPUT "$dir" "${@:5}"
 }
 
 # test_root DATA_ROOT_REVISITED DATA_ROOT_GLDV2 DATASET : the root scripts/test.sh expects
