@@ -4,10 +4,13 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import yaml
 
 from advbct.config import DEFAULTS, all_keys, describe, load_config, save_config
+from advbct.data.splits import split_by_class
+from advbct.data.synthetic import PRESETS
 from advbct.errors import UserError
 
 
@@ -118,6 +121,12 @@ def test_repo_configs_are_valid():
         assert cfg.MODEL.ARCH == f"resnet{arch}" and not cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
         assert cfg.DATA.TRAIN_LIST == "./data/synthetic-small/pretrain/train_list.txt" and not cfg.COMP_LOSS.TYPE
         assert cfg.OUTPUT == f"./output/synthetic/pretrain_r{arch}"
+    # the small preset's class allocation leaves the old model at least as many classes as the synthetic
+    # configs' embedding has dimensions (60 old classes against 256 did not carry compatibility over to
+    # unseen landmarks, docs/REPRODUCTION.md)
+    small = PRESETS["small"]
+    old_classes = int(split_by_class(np.arange(small.train_classes), 0.3)[0].sum())
+    assert old_classes >= load_config(str(root / "synthetic" / "base.yml")).MODEL.EMB_DIM
     files = sorted(root.rglob("*.yml"))
     # per family: R18 blocks 7 rows + _compatible.yml, R50 blocks 6 + 1, one base.yml; plus test_model.yml
     # and the two synthetic pretraining configs

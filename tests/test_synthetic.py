@@ -169,6 +169,14 @@ def test_read_summary_checks_presence_and_format_version(tiny_synthetic, tmp_pat
     (tmp_path / synthetic.MARKER).write_text(json.dumps({"format_version": 1, "preset": "small"}))
     with pytest.raises(UserError, match="format version 1, this code needs 2 .*--preset small --overwrite"):
         synthetic.read_summary(tmp_path)
+    # a benchmark of a preset whose parameters changed since (a retuned preset) is refused too
+    stale = dict(synthetic.read_summary(tiny_synthetic))
+    stale["params"] = dict(stale["params"], train_classes=stale["params"]["train_classes"] + 1)
+    (tmp_path / synthetic.MARKER).write_text(json.dumps(stale))
+    with pytest.raises(UserError, match="other parameters than this code's preset 'tiny': regenerate .*--overwrite"):
+        synthetic.read_summary(tmp_path)
+    (tmp_path / synthetic.MARKER).write_text(json.dumps(dict(stale, params=synthetic.read_summary(tiny_synthetic)["params"])))
+    assert synthetic.read_summary(tmp_path)["preset"] == "tiny"
     (tmp_path / synthetic.MARKER).write_text("{not json")
     with pytest.raises(UserError, match="not a readable synthetic benchmark summary"):
         synthetic.read_summary(tmp_path)
