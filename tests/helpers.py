@@ -1,7 +1,12 @@
 """Small helpers shared by the test modules (not fixtures)."""
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
+SCRIPTS_LIB = Path(__file__).resolve().parent.parent / "scripts" / "lib"
 
 
 def write_image_list(root, classes=4, per_class=8, size=16, seed=0):
@@ -17,3 +22,9 @@ def write_image_list(root, classes=4, per_class=8, size=16, seed=0):
             lines.append(f"{rel} {c}\n")
     (root / "train.txt").write_text("".join(lines))
     return root / "train.txt"
+
+
+def run_pipeline_lib(snippet, cwd, **kwargs):
+    """Run ``snippet`` in bash (strict mode) after sourcing the scripts' launch.sh and pipeline.sh."""
+    script = f"set -euo pipefail; source {SCRIPTS_LIB}/launch.sh; source {SCRIPTS_LIB}/pipeline.sh; {snippet}"
+    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, **kwargs)

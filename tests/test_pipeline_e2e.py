@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import run_pipeline_lib
 
 from advbct.data.image_list import read_image_list
 from advbct.data.splits import make_allocation
@@ -90,12 +91,10 @@ def base(tiny_synthetic, tmp_path_factory):
     # the synthetic stand-in for ImageNet weights: the scripts' pretraining step (configs/synthetic/
     # pretrain_r18.yml on pretrain/, shrunk to the sizes above), then the old model from it
     pretrain = work / "pretrain"
-    lib = REPO / "scripts" / "lib"
     shrink = (f"DATA.IMG_SIZE 32 MODEL.EMB_DIM {EMB} TRAIN.EPOCHS 1 TRAIN.MAX_ITERS_PER_EPOCH 2 "
               "TRAIN.BATCH_SIZE 8 DATA.NUM_WORKERS 0")
-    proc = subprocess.run(["bash", "-c", f"set -euo pipefail; source {lib}/launch.sh; source {lib}/pipeline.sh; "
-                           f"pretrain_backbone r18 {tiny_synthetic} {pretrain} {work}/pretrain.log {shrink}"],
-                          cwd=REPO, env=dict(os.environ, NGPUS="1"), capture_output=True, text=True, timeout=600)
+    proc = run_pipeline_lib(f"pretrain_backbone r18 {tiny_synthetic} {pretrain} {work}/pretrain.log {shrink}",
+                            REPO, env=dict(os.environ, NGPUS="1"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[run]  pretrain backbone (r18, {tiny_synthetic}/pretrain)" in proc.stdout
     old_out = work / "old"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_pipeline_lib
 
 from advbct.evaluation.collect import collect_block, criterion_report
 from advbct.evaluation.reporting import fill_scores, validate_table
@@ -44,9 +45,7 @@ echo unreachable
 def test_stale_synthetic_benchmark_stops_with_how_to_regenerate(tmp_path):
     """A benchmark of format 1 (no pretrain/) is refused by the scripts' first step, in one line."""
     (tmp_path / "SYNTHETIC.json").write_text(json.dumps({"format_version": 1, "preset": "small"}))
-    lib = REPO / "scripts" / "lib"
-    proc = bash(f"set -euo pipefail; source {lib}/launch.sh; source {lib}/pipeline.sh; "
-                f"x=\"$(synthetic_train_list {tmp_path})\"; echo reached", REPO)
+    proc = run_pipeline_lib(f"x=\"$(synthetic_train_list {tmp_path})\"; echo reached", REPO)
     assert proc.returncode == 2 and "reached" not in proc.stdout
     assert proc.stderr.count("\n") == 1 and "format version 1, this code needs 2" in proc.stderr
     assert f"make_synthetic.py --out {tmp_path} --preset small --overwrite" in proc.stderr

@@ -162,21 +162,26 @@ def test_output_folder_safety(tmp_path):
     assert not (ours / "ROxfordParis").exists()
 
 
-def test_read_summary_checks_presence_and_format_version(tiny_synthetic, tmp_path):
-    assert synthetic.read_summary(tiny_synthetic)["pretrain"]["train_list"] == "pretrain/train_list.txt"
+def test_read_summary_checks_presence_format_version_and_preset(tiny_synthetic, tmp_path):
+    good = synthetic.read_summary(tiny_synthetic)
+    assert good["pretrain"]["train_list"] == "pretrain/train_list.txt"
     with pytest.raises(UserError, match=f"{tmp_path / synthetic.MARKER} not found: generate"):
         synthetic.read_summary(tmp_path)
     (tmp_path / synthetic.MARKER).write_text(json.dumps({"format_version": 1, "preset": "small"}))
     with pytest.raises(UserError, match="format version 1, this code needs 2 .*--preset small --overwrite"):
         synthetic.read_summary(tmp_path)
     # a benchmark of a preset whose parameters changed since (a retuned preset) is refused too
-    stale = dict(synthetic.read_summary(tiny_synthetic))
-    stale["params"] = dict(stale["params"], train_classes=stale["params"]["train_classes"] + 1)
+    stale = dict(good, params=dict(good["params"], train_classes=good["params"]["train_classes"] + 1))
     (tmp_path / synthetic.MARKER).write_text(json.dumps(stale))
-    with pytest.raises(UserError, match="other parameters than this code's preset 'tiny': regenerate .*--overwrite"):
+    with pytest.raises(UserError, match="other parameters than this code's preset 'tiny': regenerate .*--preset tiny --overwrite"):
         synthetic.read_summary(tmp_path)
-    (tmp_path / synthetic.MARKER).write_text(json.dumps(dict(stale, params=synthetic.read_summary(tiny_synthetic)["params"])))
-    assert synthetic.read_summary(tmp_path)["preset"] == "tiny"
+    # so is one of a preset this code does not have; the command then leaves the preset to choose
+    (tmp_path / synthetic.MARKER).write_text(json.dumps(dict(good, preset="huge")))
+    with pytest.raises(UserError, match=r"preset 'huge' is not one of this code's \(tiny, small, medium\): "
+                                        r"regenerate .*--preset PRESET --overwrite"):
+        synthetic.read_summary(tmp_path)
+    (tmp_path / synthetic.MARKER).write_text(json.dumps(good))
+    assert synthetic.read_summary(tmp_path) == good
     (tmp_path / synthetic.MARKER).write_text("{not json")
     with pytest.raises(UserError, match="not a readable synthetic benchmark summary"):
         synthetic.read_summary(tmp_path)

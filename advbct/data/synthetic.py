@@ -619,8 +619,8 @@ def make_synthetic(out, preset="tiny", seed=0, overwrite=False):
 
 def read_summary(out):
     """The summary of the complete benchmark under ``out``; a missing one, or one written by another
-    format version (older benchmarks lack ``pretrain/``) or with other parameters than its preset's here,
-    is a UserError saying how to regenerate."""
+    format version (older benchmarks lack ``pretrain/``), of an unknown preset or with other parameters than
+    its preset's here, is a UserError saying how to regenerate."""
     path = os.path.join(str(out), MARKER)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -630,16 +630,16 @@ def read_summary(out):
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable synthetic benchmark summary ({exc})") from None
     fields = summary if isinstance(summary, dict) else {}
-    version = fields.get("format_version")
+    version, preset = fields.get("format_version"), fields.get("preset")
+    redo = (f"regenerate with tools/make_synthetic.py --out {out} "
+            f"--preset {preset if preset in PRESETS else 'PRESET'} --overwrite")
     if version != FORMAT_VERSION:
-        preset = fields.get("preset", "PRESET")
-        raise UserError(f"{path}: format version {version}, this code needs {FORMAT_VERSION} (with pretrain/): "
-                        f"regenerate with tools/make_synthetic.py --out {out} --preset {preset} --overwrite")
-    preset = fields.get("preset")
-    if preset in PRESETS and fields.get("params") != json.loads(json.dumps(asdict(PRESETS[preset]))):
-        # the preset was retuned since this benchmark was generated: results on it would not be comparable
-        raise UserError(f"{path}: generated with other parameters than this code's preset '{preset}': regenerate "
-                        f"with tools/make_synthetic.py --out {out} --preset {preset} --overwrite")
+        raise UserError(f"{path}: format version {version}, this code needs {FORMAT_VERSION} (with pretrain/): {redo}")
+    if preset not in PRESETS:
+        raise UserError(f"{path}: preset {preset!r} is not one of this code's ({', '.join(PRESETS)}): {redo}")
+    # a retuned preset makes older benchmarks of its name incomparable (JSON holds the tuples as lists)
+    if fields.get("params") != json.loads(json.dumps(asdict(PRESETS[preset]))):
+        raise UserError(f"{path}: generated with other parameters than this code's preset '{preset}': {redo}")
     return summary
 
 
