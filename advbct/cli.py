@@ -37,7 +37,9 @@ def config_main(description, run, argv=None):
         cfg = load_config(args.cfg, args.opts)
         from advbct import distributed as dist  # torch import after the config is known to be valid
         try:
-            return run(cfg)
+            result = run(cfg)
+            dist.finish()
+            return result
         finally:
             dist.cleanup()
 

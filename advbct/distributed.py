@@ -56,8 +56,18 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30):
 
 
 def cleanup() -> None:
+    """Tear the process group down (error paths too: no collective here, a peer may be gone)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """Normal end of a run: wait until every rank is done, then tear down. A rank destroying its gloo
+    group while a peer is still finishing can abort that peer ("terminate called without an active
+    exception", seen once in CI under load)."""
+    if is_distributed():
+        dist.barrier()
+    cleanup()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -56,6 +56,7 @@ def run_evaluation(cfg):
             save_config(cfg, os.path.join(cfg.EVAL.SAVE_DIR, "config.yaml"))
             print(format_result(result))
             print(f"results: {path}")
+        dist.finish()
         return result
     finally:
         dist.cleanup()
