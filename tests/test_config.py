@@ -125,7 +125,7 @@ def test_repo_configs_are_valid():
         assert cfg.TRAIN.LR == (0.02 if arch == "50" else 0.1)
     files = sorted(root.rglob("*.yml"))
     # per family: R18 blocks 7 rows + _compatible.yml, R50 blocks 6 + 1, one base.yml; plus test_model.yml
-    # and the synthetic pretraining configs and R50 base
+    # the two synthetic pretraining configs and the synthetic base_r50.yml
     assert len(files) == 2 * (2 * 8 + 2 * 7 + 1) + 1 + 2 + 1
     for f in files:
         load_config(str(f))
