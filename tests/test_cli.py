@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from advbct.errors import one_line
 
@@ -36,3 +37,30 @@ def test_one_line_keeps_plain_messages():
     wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "a.py", line 1, in f\nadvbct.errors.UserError: a.jpg: unreadable')
     assert one_line(wrapped) == "a.jpg: unreadable"
+
+
+def test_entry_point_synchronises_before_teardown_only_on_success(monkeypatch):
+    """A finished run waits at a barrier before destroying the process group (a rank tearing gloo
+    down while a peer still finishes can abort that peer); a failed run tears down without a
+    collective, since its peers may never reach one."""
+    import pytest
+
+    from advbct import distributed
+    from advbct.cli import config_main
+
+    cfg_file = str(Path(__file__).resolve().parents[1] / "configs" / "test_model.yml")
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: "destroy" not in calls)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    assert config_main("ok", lambda cfg: 7, ["--cfg", cfg_file]) == 7
+    assert calls == ["barrier", "destroy"]
+
+    calls.clear()
+
+    def fail(cfg):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        config_main("fails", fail, ["--cfg", cfg_file])
+    assert calls == ["destroy"]
