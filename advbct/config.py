@@ -24,6 +24,8 @@ DEFAULTS = {
         "PRETRAINED": (True, "start from ImageNet weights (local file or torch hub cache; never downloaded)"),
         "PRETRAINED_PATH": ("", "backbone weights (torchvision file, or advbct checkpoint); empty = hub cache"),
         "WEIGHTS": ("", "trained checkpoint to load (evaluation, fine-tuning); ours or the original format"),
+        "ZERO_INIT_RESIDUAL": (False, "resnets trained from scratch: zero-init the last BN of each residual "
+                               "branch (Goyal et al. 2017); loaded weights overwrite it"),
         "NUM_CLASSES": (0, "classifier outputs; 0 = max label of DATA.TRAIN_LIST + 1"),
         "SYNC_BN": (True, "convert BatchNorm to SyncBatchNorm when training on several processes"),
     },

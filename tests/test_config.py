@@ -107,7 +107,8 @@ def test_repo_configs_are_valid():
                 if family == "synthetic":  # old and new start from the pretrained stand-in for ImageNet
                     init = "r18" if row == "old" else block.split("_")[1]
                     assert cfg.MODEL.PRETRAINED_PATH == f"./output/synthetic/pretrain_{init}/final.pth"
-                    assert cfg.TRAIN.LR == (0.02 if init == "r50" else 0.1)   # base_r50.yml for every R50
+                    assert cfg.TRAIN.LR == 0.1 and not cfg.MODEL.ZERO_INIT_RESIDUAL and not cfg.EVAL.AMP
+                    assert cfg.TRAIN.AMP == ("bf16" if init == "r50" else "none")   # base_r50.yml
                 else:
                     assert cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
                 if row in ("old", "independent"):
@@ -122,7 +123,8 @@ def test_repo_configs_are_valid():
         assert cfg.MODEL.ARCH == f"resnet{arch}" and not cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
         assert cfg.DATA.TRAIN_LIST == "./data/synthetic-small/pretrain/train_list.txt" and not cfg.COMP_LOSS.TYPE
         assert cfg.OUTPUT == f"./output/synthetic/pretrain_r{arch}"
-        assert cfg.TRAIN.LR == (0.02 if arch == "50" else 0.1)
+        assert cfg.TRAIN.LR == 0.1 and cfg.TRAIN.AMP == ("bf16" if arch == "50" else "none")
+        assert cfg.MODEL.ZERO_INIT_RESIDUAL == (arch == "50")   # the R18 pretraining predates the option
     files = sorted(root.rglob("*.yml"))
     # per family: R18 blocks 7 rows + _compatible.yml, R50 blocks 6 + 1, one base.yml; plus test_model.yml
     # the two synthetic pretraining configs and the synthetic base_r50.yml

@@ -115,6 +115,37 @@ def test_pretrained_from_file_and_hub_cache(tmp_path, monkeypatch):
     assert not torch.equal(build_backbone("resnet18")[0].conv1.weight, source.conv1.weight)
 
 
+def test_zero_init_residual_zeroes_each_branch_last_bn_and_loaded_weights_win(tmp_path):
+    """MODEL.ZERO_INIT_RESIDUAL: every residual branch's last BN starts at gamma 0, so each block is the
+    identity (resnet50: bn3, resnet18: bn2); other BNs keep gamma 1; a weights file overrides it."""
+    r50, _ = build_backbone("resnet50", zero_init_residual=True)
+    blocks = [b for layer in (r50.layer1, r50.layer2, r50.layer3, r50.layer4) for b in layer]
+    assert len(blocks) == 16
+    assert all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+    assert all(torch.equal(b.bn2.weight, torch.ones_like(b.bn2.weight)) for b in blocks)
+    default, _ = build_backbone("resnet50")
+    assert all(torch.equal(b.bn3.weight, torch.ones_like(b.bn3.weight)) for b in default.layer1)
+    # a zeroed branch adds nothing: the block's output is relu(x + shortcut(x)) with its own input
+    block = r50.layer1[1].eval()
+    x = torch.randn(2, 256, 8, 8)
+    assert torch.equal(block(x), torch.relu(x))
+    r18, _ = build_backbone("resnet18", zero_init_residual=True)
+    assert torch.count_nonzero(r18.layer2[0].bn2.weight) == 0
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    loaded, _ = build_backbone("resnet18", weights_path=str(tmp_path / "w.pth"), zero_init_residual=True)
+    assert torch.equal(loaded.layer2[0].bn2.weight, source.layer2[0].bn2.weight)
+    # the config key reaches the model the trainer builds
+    from advbct.config import load_config
+    from advbct.engine.builders import build_new_model
+    cfg = load_config(None, ["MODEL.PRETRAINED", "false", "MODEL.ZERO_INIT_RESIDUAL", "true", "MODEL.EMB_DIM", "8"])
+    assert torch.count_nonzero(build_new_model(cfg, num_classes=3).backbone.layer4[1].bn2.weight) == 0
+    cfg = load_config(None, ["MODEL.PRETRAINED", "false", "MODEL.EMB_DIM", "8"])
+    assert torch.count_nonzero(build_new_model(cfg, num_classes=3).backbone.layer4[1].bn2.weight) == 512
+    with pytest.raises(UserError, match="MODEL.ZERO_INIT_RESIDUAL applies to resnet backbones only, not 'vgg11'"):
+        build_backbone("vgg11", zero_init_residual=True)
+
+
 def test_pretrained_file_of_wrong_architecture_is_user_error(tmp_path):
     path = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)

@@ -63,7 +63,8 @@ def build_new_model(cfg, num_classes):
     model = build_model(cfg.MODEL.ARCH, embed_dim=cfg.MODEL.EMB_DIM, num_classes=num_classes,
                         classifier=cfg.LOSS.TYPE, pretrained=cfg.MODEL.PRETRAINED,
                         weights_path=cfg.MODEL.PRETRAINED_PATH or None,
-                        scale=cfg.LOSS.SCALE, margin=cfg.LOSS.MARGIN)
+                        scale=cfg.LOSS.SCALE, margin=cfg.LOSS.MARGIN,
+                        zero_init_residual=cfg.MODEL.ZERO_INIT_RESIDUAL)
     if cfg.MODEL.WEIGHTS:
         load_model_weights(model, cfg.MODEL.WEIGHTS)
     return model

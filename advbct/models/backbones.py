@@ -127,16 +127,23 @@ def _load_pretrained(model: nn.Module, arch: str, path: str, classifier_prefix: 
     model.load_state_dict(state, strict=True)
 
 
-def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None = None):
+def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None = None,
+                   zero_init_residual: bool = False):
     """Build torchvision ``arch`` without its classifier; returns ``(module, out_dim)``.
 
     The module maps images (B, 3, H, W) to pooled features (B, out_dim). Weights: ``weights_path`` when
     given (any non-empty path is loaded, whatever ``pretrained`` says), else with ``pretrained`` the
     default ImageNet file from the torch hub cache; a missing file is a :class:`UserError`, never a
-    download and never a silent random init.
+    download and never a silent random init. ``zero_init_residual`` (resnet family only) starts each residual
+    branch at zero, so a deep resnet trained from scratch begins as a shallow one.
     """
     name = _check_arch(arch)
-    model = torchvision.models.get_model(name, weights=None)
+    extra = {}
+    if zero_init_residual:
+        if not name.startswith(("resnet", "resnext", "wide_resnet")):
+            raise UserError(f"MODEL.ZERO_INIT_RESIDUAL applies to resnet backbones only, not '{arch}'")
+        extra["zero_init_residual"] = True
+    model = torchvision.models.get_model(name, weights=None, **extra)
     out_dim, classifier_prefix = _strip_classifier(model, name)
     path = os.fspath(weights_path) if weights_path else None
     if path is not None:

@@ -55,9 +55,11 @@ def build_model(
     weights_path: str | None = None,
     scale: float = 30.0,
     margin: float = 0.3,
+    zero_init_residual: bool = False,
 ) -> RetrievalModel:
     """Backbone ``arch`` + EmbeddingHead(embed_dim) + classifier head (none when ``num_classes`` is 0)."""
-    backbone, out_dim = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
+    backbone, out_dim = build_backbone(arch, pretrained=pretrained, weights_path=weights_path,
+                                      zero_init_residual=zero_init_residual)
     head = EmbeddingHead(out_dim, embed_dim)
     cls = build_classifier(classifier, embed_dim, num_classes, scale=scale, margin=margin) if num_classes else None
     model = RetrievalModel(backbone, head, cls)
