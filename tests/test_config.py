@@ -108,7 +108,9 @@ def test_repo_configs_are_valid():
                     init = "r18" if row == "old" else block.split("_")[1]
                     assert cfg.MODEL.PRETRAINED_PATH == f"./output/synthetic/pretrain_{init}/final.pth"
                     assert cfg.TRAIN.LR == 0.1 and not cfg.MODEL.ZERO_INIT_RESIDUAL and not cfg.EVAL.AMP
-                    assert cfg.TRAIN.AMP == ("bf16" if init == "r50" else "none")   # base_r50.yml
+                    r50 = init == "r50"   # base_r50.yml: bf16 in NHWC pays for a 4th epoch
+                    assert (cfg.TRAIN.AMP, cfg.TRAIN.CHANNELS_LAST) == (("bf16", True) if r50 else ("none", False))
+                    assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.LR_STEPS) == ((4, [3]) if r50 else (3, [2]))
                 else:
                     assert cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
                 if row in ("old", "independent"):
@@ -124,6 +126,7 @@ def test_repo_configs_are_valid():
         assert cfg.DATA.TRAIN_LIST == "./data/synthetic-small/pretrain/train_list.txt" and not cfg.COMP_LOSS.TYPE
         assert cfg.OUTPUT == f"./output/synthetic/pretrain_r{arch}"
         assert cfg.TRAIN.LR == 0.1 and cfg.TRAIN.AMP == ("bf16" if arch == "50" else "none")
+        assert cfg.TRAIN.CHANNELS_LAST == (arch == "50") and cfg.TRAIN.EPOCHS == 10
         assert cfg.MODEL.ZERO_INIT_RESIDUAL == (arch == "50")   # the R18 pretraining predates the option
     files = sorted(root.rglob("*.yml"))
     # per family: R18 blocks 7 rows + _compatible.yml, R50 blocks 6 + 1, one base.yml; plus test_model.yml

@@ -173,6 +173,33 @@ def test_killed_process_resumes(setup, straight, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- non-finite loss
+def test_channels_last_trains_the_same_model_in_nhwc(setup, tmp_path):
+    """TRAIN.CHANNELS_LAST: one AdvBCT step gives the plain run's weights (fp32: equal up to summation
+    order), with the new model's convolutions really held in NHWC, and a checkpoint any model loads."""
+    runs, init = {}, None
+    for fmt in ("false", "true"):
+        out = tmp_path / fmt
+        trainer = Trainer(load_config(None, advbct_overrides(setup, out, "TRAIN.CHANNELS_LAST", fmt, "TRAIN.EPOCHS",
+                                                             "1", "TRAIN.MAX_ITERS_PER_EPOCH", "1")))
+        init = init or {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.fit()
+        runs[fmt] = load(out / "last.pth")["model"]
+    ref, got = runs["false"], runs["true"]
+    assert got["backbone.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert not got["backbone.conv1.weight"].is_contiguous()
+    assert ref["backbone.conv1.weight"].is_contiguous()
+    moved = 0
+    for key, value in ref.items():
+        assert torch.allclose(got[key].float(), value.float(), rtol=1e-4, atol=1e-5), key
+        moved += int(value.is_floating_point() and not torch.equal(value, init[key]))
+    assert moved > 50   # the step changed the weights, by far more than the tolerance: the check can fail
+    assert (ref["backbone.conv1.weight"] - init["backbone.conv1.weight"]).abs().max() > 1e-3
+    plain = build_model("resnet18", embed_dim=EMB, num_classes=CLASSES)
+    plain.load_state_dict(got)
+    assert plain.backbone.conv1.weight.is_contiguous()
+    assert torch.equal(plain.backbone.conv1.weight, got["backbone.conv1.weight"])
+
+
 def test_non_finite_loss_stops_with_code_3(setup, tmp_path, monkeypatch, capsys):
     """Epoch 2 runs at LR 1e-1 x 1e38 (MultiStepLR milestone 1): the loss overflows, the run exits 3 with
     one 'error:' line, epoch 1's last.pth is byte-identical and no temporary file is left."""
