@@ -92,7 +92,7 @@ class Trainer:
         # compatibility first: its checks (old checkpoint, meta) must fail before any heavy work
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
         model = build_new_model(cfg, self.num_classes).to(self.device)
-        # NHWC: oneDNN's bf16 convolutions run ~1.4x faster on CPU in it (docs/BENCHMARKS.md); values unchanged
+        # NHWC: oneDNN's bf16 convolutions run ~1.3x faster on CPU in it (docs/BENCHMARKS.md); values unchanged
         self.memory_format = torch.channels_last if cfg.TRAIN.CHANNELS_LAST else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)
         if self.old_model is not None:

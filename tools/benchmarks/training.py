@@ -3,10 +3,11 @@
 Times the trainer's own step (``Trainer._step``: forward, CE, old-model forward, compatibility loss,
 backward, SGD update) on in-memory random batches, median over steps after a warm-up. The models
 have the paper's heads (256-d embedding, 81,313 new classes, 24,393 old ones as extended-class) and
-the AdvBCT loss a random old-class meta. On CPU: ResNet-18 at 64 px, batch 64, fp32. With CUDA:
+the AdvBCT loss a random old-class meta. On CPU: ResNet-18 at 64 px, batch 64, fp32 (``--cpu-amp bf16``,
+``--channels-last`` and ``--cpu-arch resnet50`` measure the synthetic R50 blocks' setting). With CUDA:
 ResNet-18 and ResNet-50 at 224 px, batch 256, AMP bf16 and fp32 (else reported as unmeasured).
 
-    python tools/benchmark.py training [--steps 5] [--threads 1] [--json OUT]
+    python tools/benchmark.py training [--steps 5] [--threads 1] [--channels-last] [--json OUT]
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-arch", default="resnet18")
     parser.add_argument("--cpu-size", type=int, default=64, help="CPU input size (px)")
     parser.add_argument("--cpu-batch", type=int, default=64)
+    parser.add_argument("--cpu-amp", choices=("none", "bf16"), default="none", help="CPU autocast (TRAIN.AMP)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="models and batches in NHWC on every device (TRAIN.CHANNELS_LAST)")
     parser.add_argument("--gpu-archs", default="resnet18,resnet50")
     parser.add_argument("--gpu-size", type=int, default=224)
     parser.add_argument("--gpu-batch", type=int, default=256)
@@ -56,11 +60,13 @@ def random_meta(num_classes: int, dim: int, gen: torch.Generator) -> ClassMeta:
 
 def make_stepper(args, arch, device, amp, advbct, gen):
     """A stand-in ``self`` for ``Trainer._step`` holding exactly what the step reads (world size 1)."""
-    model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.num_classes).to(device).train()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.num_classes).to(device, memory_format=fmt)
+    model.train()
     old_model, comp = None, None
     if advbct:
-        old_model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.old_classes).to(device)
-        old_model.eval().requires_grad_(False)
+        old_model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.old_classes)
+        old_model.to(device, memory_format=fmt).eval().requires_grad_(False)
         comp = build_compat_loss({"TYPE": "advbct"}, embed_dim=args.emb_dim, num_old_classes=args.old_classes,
                                  total_epochs=30, meta=random_meta(args.old_classes, args.emb_dim, gen)).to(device)
     params = list(model.parameters()) + ([p for p in comp.parameters() if p.requires_grad] if comp else [])
@@ -73,7 +79,8 @@ def make_stepper(args, arch, device, amp, advbct, gen):
 def time_steps(args, arch, device, size, batch, amp, advbct, gen):
     """Median step time (ms) and images/s of ``Trainer._step`` on one fixed random batch."""
     stepper = make_stepper(args, arch, device, amp, advbct, gen)
-    images = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=fmt)
     is_old = torch.rand(batch, generator=gen) < args.old_fraction
     labels = torch.where(is_old, torch.randint(0, args.old_classes, (batch,), generator=gen),
                          torch.randint(args.old_classes, args.num_classes, (batch,), generator=gen)).to(device)
@@ -99,17 +106,18 @@ def compare(args, arch, device, size, batch, amp, gen):
 
 
 def run(args) -> dict:
-    """Throughput plain vs AdvBCT on CPU (fp32) and, when CUDA is present, per GPU arch x {bf16, fp32}."""
+    """Throughput plain vs AdvBCT on CPU (``--cpu-amp``) and, with CUDA, per GPU arch x {bf16, fp32}."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     result = {"setup": {"emb_dim": args.emb_dim, "num_classes": args.num_classes, "old_classes": args.old_classes,
-                        "old_fraction": args.old_fraction, "steps": args.steps, "warmup": args.warmup}}
+                        "old_fraction": args.old_fraction, "steps": args.steps, "warmup": args.warmup,
+                        "channels_last": bool(args.channels_last)}}
     if not args.no_cpu:
-        cpu = {"arch": args.cpu_arch, "img_size": args.cpu_size, "batch": args.cpu_batch, "amp": "none",
+        cpu = {"arch": args.cpu_arch, "img_size": args.cpu_size, "batch": args.cpu_batch, "amp": args.cpu_amp,
                "threads": torch.get_num_threads()}
-        cpu.update(compare(args, args.cpu_arch, torch.device("cpu"), args.cpu_size, args.cpu_batch, "none", gen))
+        cpu.update(compare(args, args.cpu_arch, torch.device("cpu"), args.cpu_size, args.cpu_batch, args.cpu_amp, gen))
         result["cpu"] = cpu
     if args.no_gpu:
         result["cuda"] = "unmeasured (--no-gpu)"
