@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from advbct.errors import one_line
 
 WORKER_ERROR = """
@@ -43,8 +45,6 @@ def test_entry_point_synchronises_before_teardown_only_on_success(monkeypatch):
     """A finished run waits at a barrier before destroying the process group (a rank tearing gloo
     down while a peer still finishes can abort that peer); a failed run tears down without a
     collective, since its peers may never reach one."""
-    import pytest
-
     from advbct import distributed
     from advbct.cli import config_main
 

@@ -172,16 +172,17 @@ def test_killed_process_resumes(setup, straight, tmp_path):
             assert diff <= 1e-6, f"{part}.{key}: relative difference {float(diff)}"
 
 
-# ------------------------------------------------------------------------------------- non-finite loss
+# ------------------------------------------------------------------------------------ memory format
 def test_channels_last_trains_the_same_model_in_nhwc(setup, tmp_path):
     """TRAIN.CHANNELS_LAST: one AdvBCT step gives the plain run's weights (fp32: equal up to summation
     order), with the new model's convolutions really held in NHWC, and a checkpoint any model loads."""
-    runs, init = {}, None
+    runs = {}
     for fmt in ("false", "true"):
         out = tmp_path / fmt
         trainer = Trainer(load_config(None, advbct_overrides(setup, out, "TRAIN.CHANNELS_LAST", fmt, "TRAIN.EPOCHS",
                                                              "1", "TRAIN.MAX_ITERS_PER_EPOCH", "1")))
-        init = init or {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        if fmt == "false":   # both runs start from the same seeded weights
+            init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         trainer.fit()
         runs[fmt] = load(out / "last.pth")["model"]
     ref, got = runs["false"], runs["true"]
@@ -200,6 +201,7 @@ def test_channels_last_trains_the_same_model_in_nhwc(setup, tmp_path):
     assert torch.equal(plain.backbone.conv1.weight, got["backbone.conv1.weight"])
 
 
+# ------------------------------------------------------------------------------------- non-finite loss
 def test_non_finite_loss_stops_with_code_3(setup, tmp_path, monkeypatch, capsys):
     """Epoch 2 runs at LR 1e-1 x 1e38 (MultiStepLR milestone 1): the loss overflows, the run exits 3 with
     one 'error:' line, epoch 1's last.pth is byte-identical and no temporary file is left."""
