@@ -107,10 +107,12 @@ def test_repo_configs_are_valid():
                 if family == "synthetic":  # old and new start from the pretrained stand-in for ImageNet
                     init = "r18" if row == "old" else block.split("_")[1]
                     assert cfg.MODEL.PRETRAINED_PATH == f"./output/synthetic/pretrain_{init}/final.pth"
-                    assert cfg.TRAIN.LR == 0.1 and not cfg.MODEL.ZERO_INIT_RESIDUAL and not cfg.EVAL.AMP
-                    r50 = init == "r50"   # base_r50.yml: bf16 in NHWC pays for a 4th epoch
+                    assert not cfg.MODEL.ZERO_INIT_RESIDUAL and not cfg.EVAL.AMP
+                    r50 = init == "r50"   # base_r50.yml: bf16 in NHWC pays for a 4th and 5th epoch
                     assert (cfg.TRAIN.AMP, cfg.TRAIN.CHANNELS_LAST) == (("bf16", True) if r50 else ("none", False))
-                    assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.LR_STEPS) == ((4, [3]) if r50 else (3, [2]))
+                    assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.LR_STEPS) == ((5, [4]) if r50 else (3, [2]))
+                    # the R50s fine-tune harder (session 8 probes); the old R18 and R18 rows as the paper
+                    assert (cfg.TRAIN.LR, cfg.TRAIN.WEIGHT_DECAY) == ((0.2, 1e-3) if r50 else (0.1, 5e-4))
                 else:
                     assert cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
                 if row in ("old", "independent"):
@@ -125,7 +127,8 @@ def test_repo_configs_are_valid():
         assert cfg.MODEL.ARCH == f"resnet{arch}" and not cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
         assert cfg.DATA.TRAIN_LIST == "./data/synthetic-small/pretrain/train_list.txt" and not cfg.COMP_LOSS.TYPE
         assert cfg.OUTPUT == f"./output/synthetic/pretrain_r{arch}"
-        assert cfg.TRAIN.LR == 0.1 and cfg.TRAIN.AMP == ("bf16" if arch == "50" else "none")
+        assert (cfg.TRAIN.LR, cfg.TRAIN.WEIGHT_DECAY) == (0.1, 5e-4)   # not base_r50.yml's fine-tuning recipe
+        assert cfg.TRAIN.AMP == ("bf16" if arch == "50" else "none")
         assert cfg.TRAIN.CHANNELS_LAST == (arch == "50") and cfg.TRAIN.EPOCHS == 10
         assert cfg.MODEL.ZERO_INIT_RESIDUAL == (arch == "50")   # the R18 pretraining predates the option
     files = sorted(root.rglob("*.yml"))
