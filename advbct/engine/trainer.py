@@ -62,6 +62,12 @@ def autocast_context(mode, device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def memory_format(channels_last):
+    """TRAIN.CHANNELS_LAST -> the layout of models and batches. NHWC: oneDNN's bf16 convolutions run ~1.3x
+    faster in it on CPU (docs/BENCHMARKS.md); values are unchanged."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class Trainer:
     """Builds everything from a resolved config, then ``fit()``; ``fit`` returns the final metrics."""
 
@@ -92,8 +98,7 @@ class Trainer:
         # compatibility first: its checks (old checkpoint, meta) must fail before any heavy work
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
         model = build_new_model(cfg, self.num_classes).to(self.device)
-        # NHWC: oneDNN's bf16 convolutions run ~1.3x faster on CPU in it (docs/BENCHMARKS.md); values unchanged
-        self.memory_format = torch.channels_last if cfg.TRAIN.CHANNELS_LAST else torch.contiguous_format
+        self.memory_format = memory_format(cfg.TRAIN.CHANNELS_LAST)
         model = model.to(memory_format=self.memory_format)
         if self.old_model is not None:
             self.old_model = self.old_model.to(memory_format=self.memory_format)

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from advbct.engine.trainer import Trainer, autocast_context
+from advbct.engine.trainer import Trainer, autocast_context, memory_format
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
 from advbct.models import build_model
@@ -58,14 +58,9 @@ def random_meta(num_classes: int, dim: int, gen: torch.Generator) -> ClassMeta:
                      theta_max=torch.empty(num_classes).uniform_(0.3, 1.2, generator=gen))
 
 
-def memory_format(args) -> torch.memory_format:
-    """NHWC with ``--channels-last`` (as TRAIN.CHANNELS_LAST), else the default contiguous layout."""
-    return torch.channels_last if args.channels_last else torch.contiguous_format
-
-
 def make_stepper(args, arch, device, amp, advbct, gen):
     """A stand-in ``self`` for ``Trainer._step`` holding exactly what the step reads (world size 1)."""
-    fmt = memory_format(args)
+    fmt = memory_format(args.channels_last)
     model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.num_classes).to(device, memory_format=fmt)
     model.train()
     old_model, comp = None, None
@@ -84,7 +79,7 @@ def make_stepper(args, arch, device, amp, advbct, gen):
 def time_steps(args, arch, device, size, batch, amp, advbct, gen):
     """Median step time (ms) and images/s of ``Trainer._step`` on one fixed random batch."""
     stepper = make_stepper(args, arch, device, amp, advbct, gen)
-    images = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=memory_format(args))
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=memory_format(args.channels_last))
     is_old = torch.rand(batch, generator=gen) < args.old_fraction
     labels = torch.where(is_old, torch.randint(0, args.old_classes, (batch,), generator=gen),
                          torch.randint(args.old_classes, args.num_classes, (batch,), generator=gen)).to(device)
