@@ -46,7 +46,10 @@ DEFAULTS = {
     "DATA": {
         "TRAIN_LIST": ("", "training list file, lines 'relative/path label'"),
         "ROOT": ("", "directory the paths of DATA.TRAIN_LIST are relative to"),
-        "IMG_SIZE": (224, "images are resized whole to IMG_SIZE x IMG_SIZE (no augmentation)"),
+        "IMG_SIZE": (224, "images are resized whole to IMG_SIZE x IMG_SIZE"),
+        "AUGMENT": ("none", "training augmentation: none (the paper) | flip | crop_flip (random crop of "
+                    "CROP_SCALE of the area, then flip)"),
+        "CROP_SCALE": ([0.5, 1.0], "crop_flip: [min, max] fraction of the image area kept"),
         "NUM_WORKERS": (8, "DataLoader worker processes per rank"),
     },
     "META": {

@@ -138,3 +138,64 @@ def test_transform_sizes_and_bad_size():
     assert eval_transform((12, 20))(img).shape == (3, 12, 20)
     with pytest.raises(UserError):
         eval_transform(0)
+
+
+def _halves(path):
+    """40x40 image, left half red, right half blue."""
+    arr = np.zeros((40, 40, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    Image.fromarray(arr).save(path)
+    return Image.open(path).convert("RGB")
+
+
+def test_train_transform_none_is_the_eval_pipeline(tmp_path):
+    img = _halves(tmp_path / "h.png")
+    assert torch.equal(train_transform(8)(img), eval_transform(8)(img))
+    assert torch.equal(train_transform(8, "none", [0.1, 0.2])(img), eval_transform(8)(img))
+
+
+def test_train_transform_flip_gives_the_image_or_its_mirror(tmp_path):
+    img = _halves(tmp_path / "h.png")
+    plain = eval_transform(8)(img)
+    seen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = train_transform(8, "flip")(img)
+        if torch.equal(out, plain):
+            seen.add("plain")
+        elif torch.equal(out, torch.flip(plain, dims=[2])):
+            seen.add("mirror")
+        else:
+            raise AssertionError(f"seed {seed}: neither the image nor its mirror")
+    assert seen == {"plain", "mirror"}
+
+
+def test_train_transform_crop_flip_zooms_into_the_image(tmp_path):
+    img = _halves(tmp_path / "h.png")
+    red = torch.tensor(_normalised((255, 0, 0)))
+    blue = torch.tensor(_normalised((0, 0, 255)))
+    outs = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = train_transform(16, "crop_flip", [0.2, 0.3])(img)
+        assert out.shape == (3, 16, 16)
+        # every output column is (up to the resampled border) one colour of the image, no padding
+        col = out.mean(dim=1)  # (3, 16)
+        is_red = (col - red[:, None]).abs().amax(0) < 1e-3
+        is_blue = (col - blue[:, None]).abs().amax(0) < 1e-3
+        assert int((is_red | is_blue).sum()) >= 14
+        outs.append(out)
+    # a crop of at most 30 % of the area: some crops lie in one half only, and crops differ
+    assert any(bool((o - red[:, None, None]).abs().amax() < 1e-3) or bool((o - blue[:, None, None]).abs().amax() < 1e-3)
+               for o in outs)
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("augment, scale, what", [("jitter", [0.5, 1.0], "DATA.AUGMENT must be one of"),
+                                                  ("crop_flip", [0.8, 0.5], "DATA.CROP_SCALE"),
+                                                  ("crop_flip", [0.0, 1.0], "DATA.CROP_SCALE"),
+                                                  ("crop_flip", [0.5], "DATA.CROP_SCALE")])
+def test_train_transform_rejects_bad_settings(augment, scale, what):
+    with pytest.raises(UserError, match=what):
+        train_transform(8, augment, scale)

@@ -1,7 +1,8 @@
 """Image transforms of the original code: resize the whole image, ToTensor, ImageNet normalisation.
 
 No augmentation and no aspect-preserving resize (PAPER.md, "Model (code)"); training and evaluation
-use the same pipeline.
+use the same pipeline. ``DATA.AUGMENT`` adds an optional training augmentation (not in the paper) for
+small training sets, where a model sees the same few images every epoch.
 """
 
 from torchvision import transforms as T
@@ -31,6 +32,21 @@ def eval_transform(size=224):
     )
 
 
-def train_transform(size=224):
-    """Training transform: identical to :func:`eval_transform` (the original trains without augmentation)."""
-    return eval_transform(size)
+AUGMENTS = ("none", "flip", "crop_flip")
+
+
+def train_transform(size=224, augment="none", crop_scale=(0.5, 1.0)):
+    """Training transform. ``augment`` 'none' is :func:`eval_transform` (the original trains without
+    augmentation); 'flip' adds a random horizontal flip; 'crop_flip' first takes a random crop of
+    ``crop_scale`` of the image area (aspect 3/4..4/3) resized to ``size``, as torchvision's recipes."""
+    if augment not in AUGMENTS:
+        raise UserError(f"DATA.AUGMENT must be one of {', '.join(AUGMENTS)}, got '{augment}'")
+    if augment == "none":
+        return eval_transform(size)
+    lo, hi = (float(v) for v in crop_scale) if len(crop_scale) == 2 else (None, None)
+    if lo is None or not 0.0 < lo <= hi <= 1.0:
+        raise UserError(f"DATA.CROP_SCALE must be [min, max] with 0 < min <= max <= 1, got {list(crop_scale)}")
+    hw = _as_hw(size)
+    first = (T.RandomResizedCrop(hw, scale=(lo, hi), interpolation=T.InterpolationMode.BILINEAR)
+             if augment == "crop_flip" else T.Resize(hw, interpolation=T.InterpolationMode.BILINEAR))
+    return T.Compose([first, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
