@@ -106,6 +106,8 @@ DEFAULTS = {
         "BACKFILL_RATIOS": ([0.0, 0.25, 0.5, 0.75, 1.0], "fractions of gallery images re-embedded by the new model"),
         "BACKFILL_SEED": (0, "seed of the random subset of refreshed gallery images"),
         "SAVE_DIR": ("./output/eval", "where results.json is written"),
+        "OLD_FEATURES_CACHE": ("", "directory caching the old model's query/gallery features per test set, "
+                               "keyed by the old checkpoint's content and the eval settings; '' = off"),
     },
 }
 

@@ -14,7 +14,9 @@ from advbct.data.gldv2 import load_gldv2_test
 from advbct.data.image_list import ImageListDataset
 from advbct.data.revisited import load_revisited
 from advbct.data.transforms import eval_transform
+from advbct import distributed as dist
 from advbct.errors import UserError
+from advbct.evaluation import feature_cache
 from advbct.evaluation.features import extract_features
 from advbct.evaluation.metrics import gldv2_map_at_k, revisited_ranking_metrics
 from advbct.evaluation.search import knn_search
@@ -130,6 +132,24 @@ def embed_test_set(model, test_set, cfg, progress=True, tag="model"):
     return q.numpy(), g.numpy()
 
 
+def embed_old_test_set(old_model, test_set, cfg, progress=True):
+    """The old model's features, read from / written to EVAL.OLD_FEATURES_CACHE when it is set (every rank
+    reads a hit; the main rank writes a miss). Without a checkpoint path there is nothing to key on."""
+    directory, weights = cfg.EVAL.OLD_FEATURES_CACHE, cfg.OLD_MODEL.WEIGHTS
+    if not (directory and weights):
+        return embed_test_set(old_model, test_set, cfg, progress, "old")
+    key = feature_cache.cache_key(weights, cfg.OLD_MODEL.ARCH, test_set, cfg.EVAL.IMG_SIZE,
+                                  cfg.EVAL.CROP_QUERY, cfg.EVAL.AMP)
+    hit = feature_cache.load(directory, test_set.name, key)
+    if hit is not None:
+        check_features(test_set, *hit, source=feature_cache.cache_path(directory, test_set.name, key))
+        return hit
+    old_q, old_g = embed_test_set(old_model, test_set, cfg, progress, "old")
+    if dist.is_main_process():
+        feature_cache.save(directory, test_set.name, key, old_q, old_g)
+    return old_q, old_g
+
+
 def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
     """Self-test of ``new_model`` and, with ``old_model``, cross-test, old self-test and backfilling."""
     test_set = test_set or load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
@@ -139,7 +159,7 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
     new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
     result = {"dataset": test_set.name, "self_test": score(test_set, new_q, new_g)}
     if old_model is not None:
-        old_q, old_g = embed_test_set(old_model, test_set, cfg, progress, "old")
+        old_q, old_g = embed_old_test_set(old_model, test_set, cfg, progress)
         result["cross_test"] = score(test_set, new_q, old_g)
         result["old_self_test"] = score(test_set, old_q, old_g)
         if cfg.EVAL.BACKFILL:

@@ -68,13 +68,15 @@ prepare_block() {
     bash scripts/train_new.sh "$CFG/independent.yml" "${DATA_OPTS[@]}" "${NEW_INIT[@]}" OUTPUT "$OUT/independent"
 }
 
-# evaluate_model NAME : self/cross/backfill of $OUT/NAME/final.pth against the old model on every test set
+# evaluate_model NAME : self/cross/backfill of $OUT/NAME/final.pth against the old model on every test set;
+# the old model's features are embedded by the first test of each set and read back by the others
 evaluate_model() {
   local model="$1" ds
   for ds in "${DATASETS[@]}"; do
     run_step "test $model on $ds" "$OUT/eval/$model/$ds/results.json" "$LOGS/test_${model}_$ds.log" \
       env NEW_MODEL_PATH="$OUT/$model/final.pth" OLD_MODEL_PATH="$OLD" NEW_MODEL_ARCH="$NEW_ARCH" \
       bash scripts/test.sh landmark "$ds" "$(test_root "$REV_ROOT" "$GLD_ROOT" "$ds")" \
-      "${EVAL_OPTS[@]}" EVAL.BACKFILL true EVAL.SAVE_DIR "$OUT/eval/$model/$ds"
+      "${EVAL_OPTS[@]}" EVAL.BACKFILL true EVAL.SAVE_DIR "$OUT/eval/$model/$ds" \
+      EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
   done
 }

@@ -1,0 +1,97 @@
+"""EVAL.OLD_FEATURES_CACHE: the old model's test features are embedded once and reused, identically, only
+while the old checkpoint, the image lists and the eval settings are the same."""
+
+import numpy as np
+import pytest
+import torch
+
+from advbct.config import load_config
+from advbct.engine.builders import load_trained_model
+from advbct.evaluation import feature_cache
+from advbct.evaluation.protocol import evaluate_models, load_test_set
+from advbct.models import build_model, save_checkpoint
+
+IMG = 32
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and counts the images it embeds."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+        self.embed_dim = model.embed_dim
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return self.model(x)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache_ckpts")
+    paths = {}
+    for name, seed in (("new", 0), ("old", 1), ("old2", 2)):
+        torch.manual_seed(seed)
+        paths[name] = str(d / f"{name}.pth")
+        save_checkpoint(paths[name], {"model": build_model("resnet18", embed_dim=16, pretrained=False).state_dict()})
+    return paths
+
+
+def _cfg(root, old_path, cache, **extra):
+    overrides = ["EVAL.ROOT", str(root), "EVAL.DATASET", "roxford5k", "EVAL.IMG_SIZE", str(IMG),
+                 "EVAL.NUM_WORKERS", "0", "EVAL.BATCH_SIZE", "64", "OLD_MODEL.WEIGHTS", old_path,
+                 "EVAL.OLD_FEATURES_CACHE", str(cache), "EVAL.BACKFILL", "true"]
+    for k, v in extra.items():
+        overrides += [k.replace("__", "."), str(v)]
+    return load_config(None, overrides)
+
+
+def _run(root, ckpts, old_name, cache, **extra):
+    cfg = _cfg(root, ckpts[old_name], cache, **extra)
+    new = load_trained_model("resnet18", ckpts["new"], "new", device="cpu")
+    old = CountingModel(load_trained_model("resnet18", ckpts[old_name], "old", device="cpu"))
+    return evaluate_models(new, old, cfg, progress=False), old.images
+
+
+def test_second_run_reads_the_cache_and_scores_identically(tiny_synthetic, ckpts, tmp_path):
+    root = tiny_synthetic / "ROxfordParis"
+    ts = load_test_set("roxford5k", str(root))
+    n_images = len(ts.query_paths) + len(ts.gallery_paths)
+    off, embedded_off = _run(root, ckpts, "old", "")
+    first, embedded_first = _run(root, ckpts, "old", tmp_path / "cache")
+    second, embedded_second = _run(root, ckpts, "old", tmp_path / "cache")
+    assert embedded_off == embedded_first == n_images and embedded_second == 0
+    assert first == off and second == off  # every metric and the backfilling curve, exactly
+    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].startswith("roxford5k-") and entries[0].endswith(".npz")
+
+
+def test_another_checkpoint_or_setting_is_a_new_entry(tiny_synthetic, ckpts, tmp_path):
+    root = tiny_synthetic / "ROxfordParis"
+    cache = tmp_path / "cache"
+    _run(root, ckpts, "old", cache)
+    _, n_other_model = _run(root, ckpts, "old2", cache)            # other weights
+    _, n_cropped = _run(root, ckpts, "old", cache, EVAL__CROP_QUERY="true")  # other query images
+    assert n_other_model > 0 and n_cropped > 0
+    assert len(list(cache.iterdir())) == 3
+    # the key follows the file's bytes, not its name: same path, retrained weights -> a miss
+    ts = load_test_set("roxford5k", str(root))
+    k1 = feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG, False, False)
+    assert k1 == feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG, False, False)
+    assert k1 != feature_cache.cache_key(ckpts["old2"], "resnet18", ts, IMG, False, False)
+    assert k1 != feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG + 8, False, False)
+    assert k1 != feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG, False, True)
+
+
+def test_unreadable_entry_is_recomputed_and_rewritten(tiny_synthetic, ckpts, tmp_path, capsys):
+    root = tiny_synthetic / "ROxfordParis"
+    cache = tmp_path / "cache"
+    good, _ = _run(root, ckpts, "old", cache)
+    (entry,) = list(cache.iterdir())
+    entry.write_bytes(b"not an npz")
+    again, embedded = _run(root, ckpts, "old", cache)
+    assert embedded > 0 and again == good
+    assert "unreadable" in capsys.readouterr().out
+    with np.load(entry) as z:  # rewritten whole
+        assert z["query"].shape[1] == 16 and str(z["key"]).startswith(entry.name.split("-")[1][:-4])
