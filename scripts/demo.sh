@@ -46,7 +46,8 @@ for model in independent advbct; do
     run_step "8/9 test $model on $ds" "$OUT/eval/$model/$ds/results.json" "$OUT/logs/test_${model}_$ds.log" \
       env NEW_MODEL_PATH="$OUT/$model/final.pth" OLD_MODEL_PATH="$OLD" \
       bash scripts/test.sh landmark "$ds" "$(test_root "$DATA/ROxfordParis" "$DATA/gldv2" "$ds")" \
-      EVAL.IMG_SIZE 64 EVAL.NUM_WORKERS 1 EVAL.BATCH_SIZE 128 EVAL.BACKFILL true EVAL.SAVE_DIR "$OUT/eval/$model/$ds"
+      EVAL.IMG_SIZE 64 EVAL.NUM_WORKERS 1 EVAL.BATCH_SIZE 128 EVAL.BACKFILL true EVAL.SAVE_DIR "$OUT/eval/$model/$ds" \
+      EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
   done
 done
 echo "[run]  9/9 table"
