@@ -7,6 +7,7 @@ import torch
 
 from advbct.config import load_config
 from advbct.engine.builders import load_trained_model
+from advbct.errors import UserError
 from advbct.evaluation import feature_cache
 from advbct.evaluation.protocol import evaluate_models, load_test_set
 from advbct.models import build_model, save_checkpoint
@@ -95,3 +96,27 @@ def test_unreadable_entry_is_recomputed_and_rewritten(tiny_synthetic, ckpts, tmp
     assert "unreadable" in capsys.readouterr().out
     with np.load(entry) as z:  # rewritten whole
         assert z["query"].shape[1] == 16 and str(z["key"]).startswith(entry.name.split("-")[1][:-4])
+
+
+def test_a_failed_cache_write_keeps_the_evaluation(tiny_synthetic, ckpts, tmp_path, capsys, monkeypatch):
+    root = tiny_synthetic / "ROxfordParis"
+    off, _ = _run(root, ckpts, "old", "")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(feature_cache, "save", disk_full)
+    result, embedded = _run(root, ckpts, "old", tmp_path / "cache")
+    assert result == off and embedded > 0
+    assert "could not write an entry" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_check_directory_creates_or_refuses(tmp_path):
+    feature_cache.check_directory(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir").is_dir()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file, expected a directory"):
+        feature_cache.check_directory(tmp_path / "f")
+    with pytest.raises(UserError, match="cannot create"):
+        feature_cache.check_directory(tmp_path / "f" / "below")

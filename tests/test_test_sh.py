@@ -208,6 +208,16 @@ def test_embedding_size_mismatch_fails_before_extraction(tiny_synthetic, ckpts, 
     assert not (tmp_path / "e").exists()
 
 
+def test_old_features_cache_on_a_file_fails_before_extraction(tiny_synthetic, ckpts, tmp_path):
+    blocker = tmp_path / "cache_is_a_file"
+    blocker.write_text("x")
+    proc = run_test_sh("roxford5k", tiny_synthetic / "ROxfordParis", ckpts["new"], ckpts["old"], tmp_path / "e",
+                       "EVAL.OLD_FEATURES_CACHE", str(blocker), cwd=tmp_path)
+    assert_user_error(proc, "EVAL.OLD_FEATURES_CACHE", blocker, "expected a directory")
+    assert "queries" not in proc.stderr and "gallery" not in proc.stderr  # nothing embedded
+    assert not (tmp_path / "e").exists() and blocker.read_text() == "x"
+
+
 def test_missing_checkpoint(tiny_synthetic, ckpts, tmp_path):
     absent = tmp_path / "absent.pth"
     proc = run_test_sh("roxford5k", tiny_synthetic / "ROxfordParis", ckpts["new"], absent, tmp_path / "e",

@@ -56,7 +56,8 @@ def build_train_dataset(cfg, num_classes=None):
     if not cfg.DATA.TRAIN_LIST:
         raise UserError("DATA.TRAIN_LIST is empty: give the training list file ('relative/path label' lines)")
     paths, labels = read_image_list(cfg.DATA.TRAIN_LIST, root=cfg.DATA.ROOT, num_classes=num_classes)
-    return ImageListDataset(paths, labels, transform=train_transform(cfg.DATA.IMG_SIZE, cfg.DATA.AUGMENT, cfg.DATA.CROP_SCALE)), labels
+    transform = train_transform(cfg.DATA.IMG_SIZE, cfg.DATA.AUGMENT, cfg.DATA.CROP_SCALE)
+    return ImageListDataset(paths, labels, transform=transform), labels
 
 
 def build_new_model(cfg, num_classes):

@@ -6,6 +6,7 @@ from advbct import distributed as dist
 from advbct.config import save_config
 from advbct.engine.builders import check_same_embedding, load_trained_model
 from advbct.errors import UserError
+from advbct.evaluation import feature_cache
 from advbct.evaluation.protocol import DATASETS, evaluate_models, load_test_set
 from advbct.evaluation.reporting import write_json_atomic
 
@@ -40,6 +41,8 @@ def run_evaluation(cfg):
     with_old = bool(cfg.OLD_MODEL.WEIGHTS)
     if with_old:
         check_same_embedding(cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
+        if cfg.EVAL.OLD_FEATURES_CACHE:
+            feature_cache.check_directory(cfg.EVAL.OLD_FEATURES_CACHE)
     _, _, device = dist.init_distributed()
     try:
         new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device)

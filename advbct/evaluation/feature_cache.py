@@ -9,11 +9,11 @@ retrained old model or another image size never reuses a stale entry.
 
 import hashlib
 import os
-import tempfile
 
 import numpy as np
 
-from advbct.errors import one_line
+from advbct.errors import UserError, one_line
+from advbct.evaluation.reporting import write_atomic
 
 _CHUNK = 1 << 20
 
@@ -61,21 +61,21 @@ def load(directory, dataset, key):
         return None
 
 
-def save(directory, dataset, key, query, gallery):
-    """Write an entry atomically (temporary file in the same directory, then ``os.replace``)."""
-    os.makedirs(directory, exist_ok=True)
-    path = cache_path(directory, dataset, key)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+def check_directory(directory):
+    """Fail before any embedding when DIRECTORY cannot hold cache entries (a file, or not writable)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"EVAL.OLD_FEATURES_CACHE: {directory} is a file, expected a directory")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=np.array(key), query=np.asarray(query, np.float32),
-                     gallery=np.asarray(gallery, np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"EVAL.OLD_FEATURES_CACHE: cannot create {directory} ({one_line(str(exc))})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"EVAL.OLD_FEATURES_CACHE: {directory} is not writable")
+
+
+def save(directory, dataset, key, query, gallery):
+    """Write an entry atomically; the path written."""
+    path = cache_path(directory, dataset, key)
+    write_atomic(path, lambda f: np.savez(f, key=np.array(key), query=np.asarray(query, np.float32),
+                                          gallery=np.asarray(gallery, np.float32)), binary=True)
     return path

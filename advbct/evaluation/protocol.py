@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from advbct import distributed as dist
 from advbct.data.gldv2 import load_gldv2_test
 from advbct.data.image_list import ImageListDataset
 from advbct.data.revisited import load_revisited
 from advbct.data.transforms import eval_transform
-from advbct import distributed as dist
-from advbct.errors import UserError
+from advbct.errors import UserError, one_line
 from advbct.evaluation import feature_cache
 from advbct.evaluation.features import extract_features
 from advbct.evaluation.metrics import gldv2_map_at_k, revisited_ranking_metrics
@@ -146,7 +146,11 @@ def embed_old_test_set(old_model, test_set, cfg, progress=True):
         return hit
     old_q, old_g = embed_test_set(old_model, test_set, cfg, progress, "old")
     if dist.is_main_process():
-        feature_cache.save(directory, test_set.name, key, old_q, old_g)
+        try:
+            feature_cache.save(directory, test_set.name, key, old_q, old_g)
+        except OSError as exc:  # e.g. disk full: the evaluation itself is not lost
+            print(f"warning: EVAL.OLD_FEATURES_CACHE: could not write an entry in {directory} "
+                  f"({one_line(str(exc))}); the old model's features will be embedded again next time")
     return old_q, old_g
 
 

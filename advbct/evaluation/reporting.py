@@ -172,15 +172,16 @@ def render_markdown(table, reference=None):
     return "\n\n".join(parts) + "\n"
 
 
-def _write_atomic(path, write):
-    """Write through a temporary file in the target directory, then ``os.replace`` it into place."""
+def write_atomic(path, write, binary=False):
+    """Call ``write(f)`` on a temporary file in the target directory (text, or bytes with ``binary``),
+    fsync it, then ``os.replace`` it into place: a reader never sees a partial file."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -193,12 +194,12 @@ def _write_atomic(path, write):
 
 def write_json_atomic(path, obj):
     """Write ``obj`` as indented JSON to ``path`` atomically (a reader never sees a partial file)."""
-    _write_atomic(path, lambda f: (json.dump(obj, f, indent=1, ensure_ascii=False), f.write("\n")))
+    write_atomic(path, lambda f: (json.dump(obj, f, indent=1, ensure_ascii=False), f.write("\n")))
 
 
 def write_text_atomic(path, text):
     """Write ``text`` to ``path`` atomically."""
-    _write_atomic(path, lambda f: f.write(text))
+    write_atomic(path, lambda f: f.write(text))
 
 
 def make_table(from_json, json_out=None, markdown_out=None, reference=None):
