@@ -94,8 +94,8 @@ DEFAULTS = {
     },
     "EVAL": {
         "DATASET_TYPE": ("landmark", "task family (only 'landmark' is implemented)"),
-        "DATASET": ("roxford5k", "roxford5k | rparis6k | gldv2"),
-        "ROOT": ("./data/ROxfordParis", "dataset root (see Dataset.md)"),
+        "DATASET": ("roxford5k", "roxford5k | rparis6k | gldv2, or several comma-separated (one process)"),
+        "ROOT": ("./data/ROxfordParis", "dataset root (see Dataset.md); with several sets one root or one per set"),
         "IMG_SIZE": (224, "evaluation images are resized whole to IMG_SIZE x IMG_SIZE"),
         "BATCH_SIZE": (64, "images per extraction batch per process"),
         "NUM_WORKERS": (4, "DataLoader worker processes per rank"),
@@ -105,7 +105,7 @@ DEFAULTS = {
         "BACKFILL": (False, "also compute the partial-backfilling curve"),
         "BACKFILL_RATIOS": ([0.0, 0.25, 0.5, 0.75, 1.0], "fractions of gallery images re-embedded by the new model"),
         "BACKFILL_SEED": (0, "seed of the random subset of refreshed gallery images"),
-        "SAVE_DIR": ("./output/eval", "where results.json is written"),
+        "SAVE_DIR": ("./output/eval", "where results.json is written (several sets: SAVE_DIR/<set>/results.json)"),
         "OLD_FEATURES_CACHE": ("", "directory caching the old model's query/gallery features per test set, "
                                "keyed by the old checkpoint's content and the eval settings; '' = off"),
     },

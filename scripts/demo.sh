@@ -42,13 +42,9 @@ run_step "6/9 train phi* (no compatibility)" "$OUT/independent/final.pth" "$OUT/
 run_step "7/9 train AdvBCT new model" "$OUT/advbct/final.pth" "$OUT/logs/advbct.log" \
   bash scripts/train_new.sh "$CFG/advbct.yml" "${SYN[@]}" "${INIT[@]}" "${COMPAT[@]}" OUTPUT "$OUT/advbct"
 for model in independent advbct; do
-  for ds in rparis6k roxford5k gldv2; do
-    run_step "8/9 test $model on $ds" "$OUT/eval/$model/$ds/results.json" "$OUT/logs/test_${model}_$ds.log" \
-      env NEW_MODEL_PATH="$OUT/$model/final.pth" OLD_MODEL_PATH="$OLD" \
-      bash scripts/test.sh landmark "$ds" "$(test_root "$DATA/ROxfordParis" "$DATA/gldv2" "$ds")" \
-      EVAL.IMG_SIZE 64 EVAL.NUM_WORKERS 1 EVAL.BATCH_SIZE 128 EVAL.BACKFILL true EVAL.SAVE_DIR "$OUT/eval/$model/$ds" \
-      EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
-  done
+  test_step "8/9 test $model" "$OUT/$model/final.pth" resnet18 "$OLD" "$OUT/eval/$model" "$OUT/logs/test_$model.log" \
+    "$DATA/ROxfordParis" "$DATA/gldv2" EVAL.IMG_SIZE 64 EVAL.NUM_WORKERS 1 EVAL.BATCH_SIZE 128 EVAL.BACKFILL true \
+    EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
 done
 echo "[run]  9/9 table"
 "$PYTHON" tools/collect_results.py --independent "$OUT/eval/independent" --method AdvBCT="$OUT/eval/advbct" \

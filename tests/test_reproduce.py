@@ -140,3 +140,32 @@ def test_collect_results_names_an_equals_sign_in_the_method_name(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "NAME must not contain '='" in proc.stderr and f"'T = 0.4={folder}'" in proc.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+def test_test_step_runs_only_the_missing_sets_in_one_call(tmp_path):
+    """test_step hands scripts/test.sh every set without results.json at once (one root per set, the
+    eval folder as SAVE_DIR); a single missing set gets its own folder; nothing missing, no call."""
+    lib = REPO / "scripts" / "lib" / "pipeline.sh"
+    fake = tmp_path / "scripts" / "test.sh"
+    fake.parent.mkdir()
+    # the stand-in records its arguments and writes the results.json files a real run would
+    fake.write_text('echo "$NEW_MODEL_PATH $OLD_MODEL_PATH $NEW_MODEL_ARCH $*" >> calls.txt\n'
+                    'save="${@: -1}"; IFS=, read -r -a sets <<<"$2"\n'
+                    'if [[ ${#sets[@]} -eq 1 ]]; then mkdir -p "$save"; touch "$save/results.json"\n'
+                    'else for s in "${sets[@]}"; do mkdir -p "$save/$s"; touch "$save/$s/results.json"; done; fi\n')
+    step = f'source {lib}; test_step "test m" new.pth resnet50 old.pth ev logs/t.log REV GLD EVAL.BACKFILL true'
+    (tmp_path / "ev" / "rparis6k").mkdir(parents=True)
+    (tmp_path / "ev" / "rparis6k" / "results.json").write_text("{}")
+    proc = bash(step, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[run]  test m on roxford5k,gldv2  (log: logs/t.log)" in proc.stdout
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls == ["new.pth old.pth resnet50 landmark roxford5k,gldv2 REV,GLD EVAL.BACKFILL true EVAL.SAVE_DIR ev"]
+    (tmp_path / "ev" / "gldv2" / "results.json").unlink()
+    proc = bash(step, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls[1] == "new.pth old.pth resnet50 landmark gldv2 GLD EVAL.BACKFILL true EVAL.SAVE_DIR ev/gldv2"
+    proc = bash(step, tmp_path)
+    assert proc.returncode == 0 and "[done] test m" in proc.stdout
+    assert len((tmp_path / "calls.txt").read_text().splitlines()) == 2   # nothing left to run: no third call

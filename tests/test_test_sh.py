@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from advbct.config import load_config
 from advbct.engine.builders import load_trained_model
 from advbct.evaluation.features import extract_features
 from advbct.evaluation.protocol import image_datasets, load_test_set
@@ -233,3 +234,42 @@ def test_two_processes_one_line_when_only_rank1_fails(rox_copy, ckpts, tmp_path)
     proc = run_test_sh("roxford5k", rox_copy, ckpts["new"], ckpts["old"], tmp_path / "e", cwd=tmp_path,
                        ngpus=2)
     assert_user_error(proc, victim, "unreadable or corrupt image")
+
+
+# ---------------------------------------------------------------------------- several sets, one process
+
+
+def test_several_sets_in_one_process_equal_one_run_each(tiny_synthetic, ckpts, tmp_path):
+    """``EVAL.DATASET rparis6k,roxford5k,gldv2`` writes, per set, the results.json (and a config.yaml of that
+    set alone) that a run on the set alone writes; the models are loaded once."""
+    rev, gld = tiny_synthetic / "ROxfordParis", tiny_synthetic / "gldv2"
+    extra = ["EVAL.BACKFILL", "true"]
+    proc = run_test_sh("rparis6k,roxford5k,gldv2", f"{rev},{rev},{gld}", ckpts["new"], ckpts["old"],
+                       tmp_path / "all", *extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for dataset, root in (("rparis6k", rev), ("roxford5k", rev), ("gldv2", gld)):
+        alone = run_test_sh(dataset, root, ckpts["new"], ckpts["old"], tmp_path / dataset, *extra, cwd=tmp_path)
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        want = json.loads((tmp_path / dataset / "results.json").read_text())
+        got = json.loads((tmp_path / "all" / dataset / "results.json").read_text())
+        assert got == want and got["dataset"] == dataset and "backfill" in got
+        saved = load_config(str(tmp_path / "all" / dataset / "config.yaml"))
+        assert (saved.EVAL.DATASET, saved.EVAL.ROOT) == (dataset, str(root))
+        assert saved.EVAL.SAVE_DIR == str(tmp_path / "all" / dataset)
+        assert f"results: {tmp_path / 'all' / dataset / 'results.json'}" in proc.stdout
+    assert not (tmp_path / "all" / "results.json").exists()
+
+
+@pytest.mark.parametrize("datasets, roots, fragments", [
+    ("rparis6k,oxford", "{rev}", ["EVAL.DATASET", "'oxford'"]),
+    ("rparis6k,rparis6k", "{rev}", ["EVAL.DATASET", "named twice"]),
+    ("rparis6k,roxford5k,gldv2", "{rev},{gld}", ["EVAL.ROOT", "2 roots for the 3 test sets"]),
+    ("rparis6k,gldv2", "{rev},{rev}", ["{rev}", "gldv2"]),     # the second set's root is wrong
+])
+def test_several_sets_bad_input_fails_before_any_set_is_scored(tiny_synthetic, ckpts, tmp_path, datasets,
+                                                               roots, fragments):
+    rev, gld = tiny_synthetic / "ROxfordParis", tiny_synthetic / "gldv2"
+    fill = {"rev": rev, "gld": gld}
+    proc = run_test_sh(datasets, roots.format(**fill), ckpts["new"], ckpts["old"], tmp_path / "e", cwd=tmp_path)
+    assert_user_error(proc, *(f.format(**fill) for f in fragments))
+    assert "queries" not in proc.stderr and not (tmp_path / "e").exists()   # nothing embedded, nothing written

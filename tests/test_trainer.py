@@ -280,3 +280,48 @@ def test_embedding_sizes_differ(setup, tmp_path, monkeypatch, capsys):
                                              "OLD_MODEL.WEIGHTS", str(setup["old16"])),
                                    monkeypatch, capsys, tmp_path)
     assert "OLD_MODEL.WEIGHTS" in msg and "16" in msg and f"MODEL.EMB_DIM is {EMB}" in msg
+
+
+# ------------------------------------------------------------------------- old forward only when needed
+METHOD_OPTS = {"bct": [], "lce": [], "unibct": [], "advbct_no_adv": ["COMP_LOSS.ADVERSARIAL", "false"],
+               "hot_refresh": [], "advbct": [], "l2": []}
+
+
+def counted_trainer(setup, out, method, *extra):
+    """A 1-epoch, 2-step trainer of ``method`` whose old model counts its embed calls."""
+    kind = "advbct" if method.startswith("advbct") else method
+    trainer = Trainer(load_config(None, overrides(setup, out, "COMP_LOSS.TYPE", kind, "OLD_MODEL.WEIGHTS",
+                                                  str(setup["old"]), "COMP_LOSS.META_PATH", str(setup["meta"]),
+                                                  *METHOD_OPTS[method], *extra, epochs=1)))
+    calls = []
+    embed = trainer.old_model.embed
+    trainer.old_model.embed = lambda images: calls.append(images.shape[0]) or embed(images)
+    return trainer, calls
+
+
+@pytest.mark.parametrize("method,needs", [("bct", False), ("lce", False), ("unibct", False),
+                                          ("advbct_no_adv", False), ("hot_refresh", True), ("advbct", True),
+                                          ("l2", True)])
+def test_old_model_runs_only_for_losses_that_read_old_features(setup, tmp_path, method, needs):
+    """The old forward pass (a ResNet-18 per step) is skipped where the loss reads only class-level old data."""
+    trainer, calls = counted_trainer(setup, tmp_path, method)
+    assert trainer.comp_loss.needs_old_features is needs
+    trainer.fit()
+    assert calls == ([8, 8] if needs else [])   # one call per step, on the step's 8 images
+
+
+@pytest.mark.parametrize("method", ["bct", "lce", "unibct", "advbct_no_adv"])
+def test_skipping_the_old_forward_changes_no_weight(setup, tmp_path, method):
+    """Forcing the old forward back on gives bit-identical weights: the skipped features were unused."""
+    weights = {}
+    for forced in (False, True):
+        trainer, calls = counted_trainer(setup, tmp_path / str(forced), method)
+        if forced:
+            trainer.comp_loss.needs_old_features = True
+        init = trainer.model.state_dict()["backbone.conv1.weight"].clone()
+        trainer.fit()
+        assert len(calls) == (2 if forced else 0)
+        weights[forced] = load(tmp_path / str(forced) / "last.pth")["model"]
+    assert not torch.equal(weights[False]["backbone.conv1.weight"], init)   # the steps moved the weights
+    for key, value in weights[False].items():
+        assert torch.equal(weights[True][key], value), key

@@ -189,8 +189,10 @@ class Trainer:
             terms = {"cls": cls_loss.detach()}
             total = cls_loss
             if self.comp_loss is not None:
-                with torch.no_grad():
-                    feat_old = self.old_model.embed(images).float()  # no old logits: BCT uses the weight
+                feat_old = None  # BCT, LCE, UniBCT read only class-level old data: no old forward pass
+                if self.comp_loss.needs_old_features:
+                    with torch.no_grad():
+                        feat_old = self.old_model.embed(images).float()  # no old logits: BCT uses the weight
                 cls_w = self.model.classifier.weight if self.model.classifier is not None else None
                 comp = self.comp_ddp(out["feat"].float(), feat_old, labels, new_classifier_weight=cls_w,
                                      progress=progress, epoch=epoch)

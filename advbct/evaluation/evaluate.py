@@ -1,5 +1,6 @@
 """Evaluate two checkpoints (scripts/test.sh): load, check, embed, score, print, write results.json."""
 
+import copy
 import os
 
 from advbct import distributed as dist
@@ -31,13 +32,46 @@ def format_result(result):
     return "\n".join(lines)
 
 
+def evaluation_jobs(cfg):
+    """``(dataset, root, save_dir)`` per test set named in EVAL.DATASET.
+
+    EVAL.DATASET is one name or several separated by commas (``rparis6k,roxford5k,gldv2``): several are
+    evaluated in one process, the models loaded once, each set's results.json written to
+    EVAL.SAVE_DIR/<dataset>/ as soon as it is scored. EVAL.ROOT is then one root for every set or one per
+    set, comma-separated in the same order.
+    """
+    names = [n.strip() for n in cfg.EVAL.DATASET.split(",")]
+    for name in names:
+        if name not in DATASETS:
+            raise UserError(f"EVAL.DATASET: unknown test set '{name}' (expected one of {', '.join(DATASETS)}, "
+                            f"or several of them separated by commas)")
+    if len(set(names)) != len(names):
+        raise UserError(f"EVAL.DATASET '{cfg.EVAL.DATASET}': a test set is named twice")
+    if len(names) == 1:
+        return [(names[0], cfg.EVAL.ROOT, cfg.EVAL.SAVE_DIR)]
+    roots = [r.strip() for r in cfg.EVAL.ROOT.split(",")] if "," in cfg.EVAL.ROOT else [cfg.EVAL.ROOT] * len(names)
+    if len(roots) != len(names):
+        raise UserError(f"EVAL.ROOT: {len(roots)} roots for the {len(names)} test sets of EVAL.DATASET "
+                        f"(expected one root, or one per set separated by commas)")
+    return [(name, root, os.path.join(cfg.EVAL.SAVE_DIR, name)) for name, root in zip(names, roots)]
+
+
+def job_config(cfg, dataset, root, save_dir):
+    """The config of one test set, as it would be given alone (saved beside its results.json)."""
+    job = copy.deepcopy(cfg)
+    job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.SAVE_DIR = dataset, root, save_dir
+    return job
+
+
 def run_evaluation(cfg):
-    """Everything is checked (dataset, checkpoints, embedding sizes) before the first image is embedded."""
+    """Everything is checked (datasets, checkpoints, embedding sizes) before the first image is embedded.
+
+    Returns the result dict of each test set of EVAL.DATASET, in order.
+    """
     if cfg.EVAL.DATASET_TYPE != "landmark":
         raise UserError(f"EVAL.DATASET_TYPE: only 'landmark' is implemented, got '{cfg.EVAL.DATASET_TYPE}'")
-    if cfg.EVAL.DATASET not in DATASETS:
-        raise UserError(f"EVAL.DATASET: unknown test set '{cfg.EVAL.DATASET}' (expected one of {', '.join(DATASETS)})")
-    test_set = load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
+    jobs = [(job_config(cfg, *job), load_test_set(job[0], job[1], cfg.EVAL.GLDV2_SPLIT))
+            for job in evaluation_jobs(cfg)]
     with_old = bool(cfg.OLD_MODEL.WEIGHTS)
     if with_old:
         check_same_embedding(cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
@@ -48,18 +82,22 @@ def run_evaluation(cfg):
         new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device)
         old = (load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
                if with_old else None)
-        result = evaluate_models(new, old, cfg, test_set=test_set)
-        result["new_model"] = {"arch": cfg.NEW_MODEL.ARCH, "weights": cfg.NEW_MODEL.WEIGHTS}
-        if with_old:
-            result["old_model"] = {"arch": cfg.OLD_MODEL.ARCH, "weights": cfg.OLD_MODEL.WEIGHTS}
-        if dist.is_main_process():
-            os.makedirs(cfg.EVAL.SAVE_DIR, exist_ok=True)
-            path = os.path.join(cfg.EVAL.SAVE_DIR, "results.json")
-            write_json_atomic(path, result)
-            save_config(cfg, os.path.join(cfg.EVAL.SAVE_DIR, "config.yaml"))
-            print(format_result(result))
-            print(f"results: {path}")
+        results = []
+        for job_cfg, test_set in jobs:
+            result = evaluate_models(new, old, job_cfg, test_set=test_set)
+            result["new_model"] = {"arch": cfg.NEW_MODEL.ARCH, "weights": cfg.NEW_MODEL.WEIGHTS}
+            if with_old:
+                result["old_model"] = {"arch": cfg.OLD_MODEL.ARCH, "weights": cfg.OLD_MODEL.WEIGHTS}
+            if dist.is_main_process():
+                save_dir = job_cfg.EVAL.SAVE_DIR
+                os.makedirs(save_dir, exist_ok=True)
+                path = os.path.join(save_dir, "results.json")
+                write_json_atomic(path, result)
+                save_config(job_cfg, os.path.join(save_dir, "config.yaml"))
+                print(format_result(result))
+                print(f"results: {path}")
+            results.append(result)
         dist.finish()
-        return result
+        return results
     finally:
         dist.cleanup()

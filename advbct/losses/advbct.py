@@ -31,6 +31,7 @@ class AdvBCTLoss(CompatibilityLoss):
         self.total_epochs = int(total_epochs)
         self.schedule = check_schedule(schedule)
         self.needs_meta = bool(boundary)
+        self.needs_old_features = bool(adversarial)  # only the discriminator sees old embeddings
         self.boundary = (ElasticBoundaryLoss(meta, num_old_classes, threshold=threshold, elastic=elastic,
                                              fixed_radius=fixed_radius) if boundary else None)
         self.adversarial = AdversarialLoss(embed_dim, disc_hidden, gamma) if adversarial else None

@@ -15,7 +15,8 @@ class CompatibilityLoss(nn.Module):
     ``forward(feat_new, feat_old, labels, *, new_classifier_weight=None, progress, epoch)`` returns
     ``{"loss": λ·term (scalar, grad), <term names>: detached scalars, <diagnostics>: detached}``.
     feat_new (B, D) un-normalised new embeddings; feat_old (B, D) frozen old embeddings of the same
-    images; labels (B,) in the new label space, old classes are ``labels < num_old_classes``;
+    images, or None for a loss with ``needs_old_features`` False (the trainer then skips the old
+    model's forward pass); labels (B,) in the new label space, old classes are ``labels < num_old_classes``;
     progress = global_step / total_steps ∈ [0, 1]; epoch 0-based. Subclasses implement ``compute``,
     which runs in float32 with autocast disabled and returns ``(term, diagnostics)``.
     """
@@ -23,6 +24,7 @@ class CompatibilityLoss(nn.Module):
     needs_meta: bool = False  # needs the old-class meta file (COMP_LOSS.META_PATH)
     needs_old_classifier: bool = False  # needs the old model's classifier weight (OLD_MODEL.WEIGHTS)
     needs_new_classifier: bool = False  # forward needs new_classifier_weight (the new model's classifier)
+    needs_old_features: bool = True  # compute reads feat_old; False: BCT/LCE/UniBCT use class-level old data only
 
     def __init__(self, num_old_classes: int, weight: float = 1.0):
         super().__init__()
@@ -35,7 +37,7 @@ class CompatibilityLoss(nn.Module):
             if new_classifier_weight is not None:
                 new_classifier_weight = new_classifier_weight.float()
             term, diagnostics = self.compute(
-                feat_new.float(), feat_old.detach().float(), labels,
+                feat_new.float(), None if feat_old is None else feat_old.detach().float(), labels,
                 new_classifier_weight=new_classifier_weight, progress=float(progress), epoch=int(epoch))
         out = {"loss": term * self.weight}
         out.update({k: v.detach() for k, v in diagnostics.items()})

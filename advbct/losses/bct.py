@@ -16,6 +16,7 @@ class BCTLoss(CompatibilityLoss):
     """
 
     needs_old_classifier = True
+    needs_old_features = False
 
     def __init__(self, old_classifier_weight: torch.Tensor, num_old_classes: int, weight: float = 1.0):
         super().__init__(num_old_classes, weight)

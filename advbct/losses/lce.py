@@ -30,6 +30,7 @@ class LCELoss(CompatibilityLoss):
     """
 
     needs_meta = True
+    needs_old_features = False
     needs_new_classifier = True
 
     def __init__(self, meta: ClassMeta, num_old_classes: int, variant: str = "benchmark",

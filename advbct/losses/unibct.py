@@ -31,6 +31,7 @@ class UniBCTLoss(CompatibilityLoss):
     """
 
     needs_meta = True
+    needs_old_features = False
 
     def __init__(self, meta: ClassMeta, num_old_classes: int, scale: float = 30.0, margin: float = 0.3,
                  weight: float = 1.0):

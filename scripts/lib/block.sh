@@ -18,7 +18,6 @@ BLOCK="${ALLOC}_${BACKBONE}"
 NEW_ARCH=$([[ $BACKBONE == r18 ]] && echo resnet18 || echo resnet50)
 PAPER_BLOCK=$([[ $BACKBONE == r18 ]] && echo "$ALLOC" || echo "backbone-$ALLOC")
 METHODS=(bct:BCT lce:LCE unibct:UniBCT hot_refresh:HotRefresh advbct:AdvBCT)
-DATASETS=(rparis6k roxford5k gldv2)
 
 if [[ -n "$PRESET" ]]; then
   CFG="configs/synthetic/$BLOCK"
@@ -68,15 +67,9 @@ prepare_block() {
     bash scripts/train_new.sh "$CFG/independent.yml" "${DATA_OPTS[@]}" "${NEW_INIT[@]}" OUTPUT "$OUT/independent"
 }
 
-# evaluate_model NAME : self/cross/backfill of $OUT/NAME/final.pth against the old model on every test set;
-# the old model's features are embedded by the first test of each set and read back by the others
+# evaluate_model NAME : self/cross/backfill of $OUT/NAME/final.pth against the old model on every test set,
+# in one process; the old model's features are embedded by the first model tested and read back by the others
 evaluate_model() {
-  local model="$1" ds
-  for ds in "${DATASETS[@]}"; do
-    run_step "test $model on $ds" "$OUT/eval/$model/$ds/results.json" "$LOGS/test_${model}_$ds.log" \
-      env NEW_MODEL_PATH="$OUT/$model/final.pth" OLD_MODEL_PATH="$OLD" NEW_MODEL_ARCH="$NEW_ARCH" \
-      bash scripts/test.sh landmark "$ds" "$(test_root "$REV_ROOT" "$GLD_ROOT" "$ds")" \
-      "${EVAL_OPTS[@]}" EVAL.BACKFILL true EVAL.SAVE_DIR "$OUT/eval/$model/$ds" \
-      EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
-  done
+  test_step "test $1" "$OUT/$1/final.pth" "$NEW_ARCH" "$OLD" "$OUT/eval/$1" "$LOGS/test_$1.log" "$REV_ROOT" "$GLD_ROOT" \
+    "${EVAL_OPTS[@]}" EVAL.BACKFILL true EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
 }

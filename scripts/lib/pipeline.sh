@@ -54,3 +54,27 @@ pretrain_backbone() {
 test_root() {
   if [[ "$3" == gldv2 ]]; then echo "$2"; else echo "$1"; fi
 }
+
+TEST_SETS=(rparis6k roxford5k gldv2)
+
+# test_step LABEL NEW_CKPT NEW_ARCH OLD_CKPT EVAL_DIR LOG REVISITED_ROOT GLDV2_ROOT [KEY VALUE ...] : one step
+# testing NEW against OLD on every set of TEST_SETS whose EVAL_DIR/<set>/results.json is missing, all in
+# one scripts/test.sh process (the models are loaded once, each set's results written as it is scored)
+test_step() {
+  local label="$1" new="$2" arch="$3" old="$4" dir="$5" log="$6" rev="$7" gld="$8" ds todo=() roots=()
+  shift 8
+  for ds in "${TEST_SETS[@]}"; do
+    [[ -e "$dir/$ds/results.json" ]] && continue
+    todo+=("$ds"); roots+=("$(test_root "$rev" "$gld" "$ds")")
+  done
+  if [[ ${#todo[@]} -eq 0 ]]; then
+    echo "[done] $label  ($dir/{$(IFS=,; echo "${TEST_SETS[*]}")}/results.json)"
+    return 0
+  fi
+  # one set alone writes SAVE_DIR/results.json, several write SAVE_DIR/<set>/results.json
+  local save="$dir"; [[ ${#todo[@]} -gt 1 ]] || save="$dir/${todo[0]}"
+  run_step "$label on $(IFS=,; echo "${todo[*]}")" "$dir/${todo[-1]}/results.json" "$log" \
+    env NEW_MODEL_PATH="$new" OLD_MODEL_PATH="$old" NEW_MODEL_ARCH="$arch" \
+    bash scripts/test.sh landmark "$(IFS=,; echo "${todo[*]}")" "$(IFS=,; echo "${roots[*]}")" "$@" \
+    EVAL.SAVE_DIR "$save"
+}
