@@ -325,3 +325,36 @@ def test_skipping_the_old_forward_changes_no_weight(setup, tmp_path, method):
     assert not torch.equal(weights[False]["backbone.conv1.weight"], init)   # the steps moved the weights
     for key, value in weights[False].items():
         assert torch.equal(weights[True][key], value), key
+
+
+# --------------------------------------------------------------------------- evaluation during training
+@pytest.mark.parametrize("dataset, root, fragments", [
+    ("roxford5k", "no_such_root", ["no_such_root", "Dataset.md"]),
+    ("roxford5k,gldv2", "ROxfordParis", ["EVAL.DATASET 'roxford5k,gldv2'", "TRAIN.EVAL_FREQ", "one test set"]),
+])
+def test_periodic_eval_set_is_checked_before_the_first_step(setup, tiny_synthetic, tmp_path, monkeypatch, capsys,
+                                                            dataset, root, fragments):
+    argv = overrides(setup, tmp_path / "out", "TRAIN.EVAL_FREQ", "1", "EVAL.DATASET", dataset,
+                     "EVAL.ROOT", str(tmp_path / root if root == "no_such_root" else tiny_synthetic / root))
+    msg = run_expecting_user_error(argv, monkeypatch, capsys, tmp_path / "out")
+    for fragment in fragments:
+        assert fragment in msg, msg
+
+
+def test_periodic_eval_logs_the_final_models_scores(setup, tiny_synthetic, tmp_path):
+    """TRAIN.EVAL_FREQ 1: the epoch's log line holds the self/cross/old-self mAP that evaluating the
+    trained models afresh gives."""
+    from advbct.evaluation.protocol import evaluate_models, headline, load_test_set
+    cfg = load_config(None, advbct_overrides(setup, tmp_path, "TRAIN.EPOCHS", "1", "TRAIN.EVAL_FREQ", "1",
+                                             "EVAL.DATASET", "roxford5k", "EVAL.ROOT",
+                                             str(tiny_synthetic / "ROxfordParis"), "EVAL.IMG_SIZE", "32",
+                                             "EVAL.NUM_WORKERS", "0"))
+    trainer = Trainer(cfg)
+    assert trainer.eval_set.name == "roxford5k" and len(trainer.eval_set.query_paths) > 0
+    trainer.fit()
+    want = headline(evaluate_models(trainer.model, trainer.old_model, cfg, progress=False,
+                                    test_set=load_test_set("roxford5k", str(tiny_synthetic / "ROxfordParis"))))
+    assert set(want) == {"self", "cross", "old_self"}
+    log = (tmp_path / "log.txt").read_text()
+    line = next(ln for ln in log.splitlines() if "eval epoch 1:" in ln)
+    assert line.endswith("eval epoch 1: " + " ".join(f"{k} {v:.2f}" for k, v in want.items())), line

@@ -68,6 +68,17 @@ def memory_format(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def periodic_eval_set(cfg):
+    """The test set of TRAIN.EVAL_FREQ's evaluations (one, EVAL.DATASET at EVAL.ROOT), or None when off."""
+    if not cfg.TRAIN.EVAL_FREQ:
+        return None
+    from advbct.evaluation.protocol import load_test_set
+    if "," in cfg.EVAL.DATASET:
+        raise UserError(f"EVAL.DATASET '{cfg.EVAL.DATASET}': the evaluation during training (TRAIN.EVAL_FREQ) "
+                        f"takes one test set")
+    return load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
+
+
 class Trainer:
     """Builds everything from a resolved config, then ``fit()``; ``fit`` returns the final metrics."""
 
@@ -97,6 +108,7 @@ class Trainer:
 
         # compatibility first: its checks (old checkpoint, meta) must fail before any heavy work
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
+        self.eval_set = periodic_eval_set(cfg)  # read and checked now, not after the first epoch
         model = build_new_model(cfg, self.num_classes).to(self.device)
         self.memory_format = memory_format(cfg.TRAIN.CHANNELS_LAST)
         model = model.to(memory_format=self.memory_format)
@@ -270,7 +282,7 @@ class Trainer:
         """Self-test (and cross-test when there is an old model) on EVAL.DATASET, logged to tensorboard."""
         from advbct.evaluation.protocol import evaluate_models, headline
         cfg = self.cfg
-        result = evaluate_models(self.model, self.old_model, cfg, progress=False)
+        result = evaluate_models(self.model, self.old_model, cfg, progress=False, test_set=self.eval_set)
         if self.writer is not None:
             for name, value in headline(result).items():
                 self.writer.add_scalar(f"eval/{name}", value, epoch)
