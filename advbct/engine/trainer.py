@@ -72,8 +72,9 @@ def periodic_eval_set(cfg):
     """The test set of TRAIN.EVAL_FREQ's evaluations (one, EVAL.DATASET at EVAL.ROOT), or None when off."""
     if not cfg.TRAIN.EVAL_FREQ:
         return None
+    from advbct.evaluation.evaluate import evaluation_jobs
     from advbct.evaluation.protocol import load_test_set
-    if "," in cfg.EVAL.DATASET:
+    if len(evaluation_jobs(cfg)) > 1:  # also rejects unknown names, as scripts/test.sh does
         raise UserError(f"EVAL.DATASET '{cfg.EVAL.DATASET}': the evaluation during training (TRAIN.EVAL_FREQ) "
                         f"takes one test set")
     return load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
@@ -201,10 +202,10 @@ class Trainer:
             terms = {"cls": cls_loss.detach()}
             total = cls_loss
             if self.comp_loss is not None:
-                feat_old = None  # BCT, LCE, UniBCT read only class-level old data: no old forward pass
+                feat_old = None  # BCT, LCE, UniBCT read only the old classifier / class meta: no old forward
                 if self.comp_loss.needs_old_features:
                     with torch.no_grad():
-                        feat_old = self.old_model.embed(images).float()  # no old logits: BCT uses the weight
+                        feat_old = self.old_model.embed(images).float()
                 cls_w = self.model.classifier.weight if self.model.classifier is not None else None
                 comp = self.comp_ddp(out["feat"].float(), feat_old, labels, new_classifier_weight=cls_w,
                                      progress=progress, epoch=epoch)

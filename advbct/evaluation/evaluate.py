@@ -33,7 +33,7 @@ def format_result(result):
 
 
 def evaluation_jobs(cfg):
-    """``(dataset, root, save_dir)`` per test set named in EVAL.DATASET.
+    """One config per test set named in EVAL.DATASET, each as that set would be given alone.
 
     EVAL.DATASET is one name or several separated by commas (``rparis6k,roxford5k,gldv2``): several are
     evaluated in one process, the models loaded once, each set's results.json written to
@@ -48,19 +48,17 @@ def evaluation_jobs(cfg):
     if len(set(names)) != len(names):
         raise UserError(f"EVAL.DATASET '{cfg.EVAL.DATASET}': a test set is named twice")
     if len(names) == 1:
-        return [(names[0], cfg.EVAL.ROOT, cfg.EVAL.SAVE_DIR)]
+        return [cfg]
     roots = [r.strip() for r in cfg.EVAL.ROOT.split(",")] if "," in cfg.EVAL.ROOT else [cfg.EVAL.ROOT] * len(names)
     if len(roots) != len(names):
         raise UserError(f"EVAL.ROOT: {len(roots)} roots for the {len(names)} test sets of EVAL.DATASET "
                         f"(expected one root, or one per set separated by commas)")
-    return [(name, root, os.path.join(cfg.EVAL.SAVE_DIR, name)) for name, root in zip(names, roots)]
-
-
-def job_config(cfg, dataset, root, save_dir):
-    """The config of one test set, as it would be given alone (saved beside its results.json)."""
-    job = copy.deepcopy(cfg)
-    job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.SAVE_DIR = dataset, root, save_dir
-    return job
+    jobs = []
+    for name, root in zip(names, roots):
+        job = copy.deepcopy(cfg)
+        job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.SAVE_DIR = name, root, os.path.join(cfg.EVAL.SAVE_DIR, name)
+        jobs.append(job)
+    return jobs
 
 
 def run_evaluation(cfg):
@@ -70,8 +68,7 @@ def run_evaluation(cfg):
     """
     if cfg.EVAL.DATASET_TYPE != "landmark":
         raise UserError(f"EVAL.DATASET_TYPE: only 'landmark' is implemented, got '{cfg.EVAL.DATASET_TYPE}'")
-    jobs = [(job_config(cfg, *job), load_test_set(job[0], job[1], cfg.EVAL.GLDV2_SPLIT))
-            for job in evaluation_jobs(cfg)]
+    jobs = [(job, load_test_set(job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.GLDV2_SPLIT)) for job in evaluation_jobs(cfg)]
     with_old = bool(cfg.OLD_MODEL.WEIGHTS)
     if with_old:
         check_same_embedding(cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
@@ -82,12 +79,13 @@ def run_evaluation(cfg):
         new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device)
         old = (load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
                if with_old else None)
+        models = {"new_model": {"arch": cfg.NEW_MODEL.ARCH, "weights": cfg.NEW_MODEL.WEIGHTS}}
+        if with_old:
+            models["old_model"] = {"arch": cfg.OLD_MODEL.ARCH, "weights": cfg.OLD_MODEL.WEIGHTS}
         results = []
         for job_cfg, test_set in jobs:
             result = evaluate_models(new, old, job_cfg, test_set=test_set)
-            result["new_model"] = {"arch": cfg.NEW_MODEL.ARCH, "weights": cfg.NEW_MODEL.WEIGHTS}
-            if with_old:
-                result["old_model"] = {"arch": cfg.OLD_MODEL.ARCH, "weights": cfg.OLD_MODEL.WEIGHTS}
+            result.update(models)
             if dist.is_main_process():
                 save_dir = job_cfg.EVAL.SAVE_DIR
                 os.makedirs(save_dir, exist_ok=True)
