@@ -29,6 +29,7 @@ start=$SECONDS
 run_step "1/9 synthetic benchmark ($PRESET)" "$DATA/SYNTHETIC.json" "$OUT/logs/synthetic.log" \
   "$PYTHON" tools/make_synthetic.py --out "$DATA" --preset "$PRESET"
 train_list="$(synthetic_train_list "$DATA")"
+stamp_outputs "$DATA/SYNTHETIC.json" "$OUT"
 STEP_PREFIX="2/9 " pretrain_backbone r18 "$DATA" "$OUT/pretrain" "$OUT/logs/pretrain.log"
 run_step "3/9 class split (30 % old)" "$DATA/gldv2/gldv2_train_new_100percent_class.txt" "$OUT/logs/split.log" \
   "$PYTHON" tools/split_dataset.py --list "$DATA/$train_list" --by class --ratio 0.3

@@ -51,6 +51,71 @@ def test_stale_synthetic_benchmark_stops_with_how_to_regenerate(tmp_path):
     assert f"make_synthetic.py --out {tmp_path} --preset small --overwrite" in proc.stderr
 
 
+def test_stamp_outputs_keys_output_dirs_on_their_benchmark(tmp_path):
+    """Outputs built from one benchmark are reused with it and refused, intact, after it changed."""
+    import hashlib
+    (tmp_path / "SYNTHETIC.json").write_text('{"preset": "small", "train_classes": 2000}\n')
+    digest = hashlib.sha256((tmp_path / "SYNTHETIC.json").read_bytes()).hexdigest()
+    (tmp_path / "fresh" / "logs").mkdir(parents=True)          # only a log: a fresh block, no note
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "final.pth").write_text("weights")      # outputs made before stamps existed
+    call = "stamp_outputs SYNTHETIC.json fresh old new; echo reached"
+    proc = run_pipeline_lib(call, tmp_path)
+    assert proc.returncode == 0 and proc.stdout.endswith("reached\n")
+    assert proc.stdout.count("[note]") == 1 and "[note] old has no BENCHMARK.sha256" in proc.stdout
+    for d in ("fresh", "old", "new"):
+        assert (tmp_path / d / "BENCHMARK.sha256").read_text() == f"{digest}  SYNTHETIC.json\n"
+    proc = run_pipeline_lib(call, tmp_path)                      # same benchmark: silent reuse
+    assert proc.returncode == 0 and proc.stdout == "reached\n" and proc.stderr == ""
+
+    (tmp_path / "SYNTHETIC.json").write_text('{"preset": "small", "train_classes": 1000}\n')
+    proc = run_pipeline_lib(call, tmp_path)
+    assert proc.returncode == 2 and "reached" not in proc.stdout
+    assert proc.stderr.count("\n") == 1
+    assert f"error: fresh was built from another SYNTHETIC.json (sha256 {digest[:12]}..." in proc.stderr
+    assert "move fresh away to rebuild it" in proc.stderr
+    assert (tmp_path / "old" / "final.pth").read_text() == "weights"
+    assert (tmp_path / "old" / "BENCHMARK.sha256").read_text() == f"{digest}  SYNTHETIC.json\n"
+
+    proc = run_pipeline_lib("stamp_outputs missing.json out", tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "error: missing.json not found: cannot key the outputs on it\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_block_refuses_outputs_of_another_train_list_before_any_step(tmp_path):
+    """reproduce_table.sh (real-data route, in a copy of scripts/) keys the old-model and block dirs on
+    label_81313.txt: a block dir stamped from another list stops the run before the split step."""
+    import hashlib
+    import shutil
+    shutil.copytree(REPO / "scripts", tmp_path / "scripts")
+    for need in ("data/GLDv2/label_81313.txt", "data/GLDv2/gldv2_private_query_gt.txt",
+                 "data/ROxfordParis/gnd_roxford5k.pkl", "data/ROxfordParis/gnd_rparis6k.pkl"):
+        (tmp_path / need).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / need).write_text("a.jpg 0\n")
+    block = tmp_path / "output" / "reproduce" / "class_r18"
+    block.mkdir(parents=True)
+    (block / "BENCHMARK.sha256").write_text("0" * 64 + "  ./data/GLDv2/label_81313.txt\n")
+    (block / "bct").mkdir()
+    (block / "bct" / "final.pth").write_text("weights")
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "reproduce_table.sh"), "class", "r18"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2 and "[run]" not in proc.stdout and proc.stderr.count("\n") == 1
+    assert ("error: ./output/reproduce/class_r18 was built from another ./data/GLDv2/label_81313.txt "
+            "(sha256 000000000000..." in proc.stderr)
+    assert (block / "bct" / "final.pth").read_text() == "weights"
+    # the old-model dir, new, is keyed on the current list
+    digest = hashlib.sha256(b"a.jpg 0\n").hexdigest()
+    stamp = tmp_path / "output" / "reproduce" / "old_class" / "BENCHMARK.sha256"
+    assert stamp.read_text() == f"{digest}  ./data/GLDv2/label_81313.txt\n"
+
+
+def test_synthetic_routes_stamp_every_output_dir_they_reuse():
+    """block.sh keys the shared pretrained backbones too; demo.sh keys its OUT."""
+    block = (REPO / "scripts" / "lib" / "block.sh").read_text()
+    assert 'stamp_outputs "$DATA/SYNTHETIC.json" "$PRETRAIN_ROOT" "$OLD_DIR" "$OUT"' in block
+    assert 'stamp_outputs "$DATA/SYNTHETIC.json" "$OUT"' in (REPO / "scripts" / "demo.sh").read_text()
+
+
 @pytest.mark.parametrize("script", ["reproduce_table.sh", "reproduce_ablation.sh"])
 @pytest.mark.parametrize("args, needle", [
     (["foo", "r18"], "unknown allocation 'foo'"),

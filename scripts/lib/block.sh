@@ -51,10 +51,12 @@ prepare_block() {
     run_step "synthetic benchmark ($PRESET)" "$DATA/SYNTHETIC.json" "$LOGS/synthetic.log" \
       "$PYTHON" tools/make_synthetic.py --out "$DATA" --preset "$PRESET"
     FULL_LIST="$DATA/$(synthetic_train_list "$DATA")"
+    stamp_outputs "$DATA/SYNTHETIC.json" "$PRETRAIN_ROOT" "$OLD_DIR" "$OUT"
     pretrain_backbone r18 "$DATA" "$PRETRAIN_ROOT/r18" "$LOGS/pretrain_r18.log"
     [[ "$BACKBONE" == r18 ]] || pretrain_backbone "$BACKBONE" "$DATA" "$PRETRAIN_ROOT/$BACKBONE" "$LOGS/pretrain_$BACKBONE.log"
   else
     FULL_LIST="$DATA/label_81313.txt"
+    stamp_outputs "$FULL_LIST" "$OLD_DIR" "$OUT"
   fi
   run_step "split by $ALLOC (30 % old)" "$(dirname "$FULL_LIST")/gldv2_train_new_100percent_$ALLOC.txt" "$LOGS/split.log" \
     "$PYTHON" tools/split_dataset.py --list "$FULL_LIST" --by "$ALLOC" --ratio 0.3
