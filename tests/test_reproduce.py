@@ -1,7 +1,10 @@
 """Reproduction plumbing: resumable steps, argument errors, table assembly in the paper's schema."""
 
+import hashlib
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +56,6 @@ def test_stale_synthetic_benchmark_stops_with_how_to_regenerate(tmp_path):
 
 def test_stamp_outputs_keys_output_dirs_on_their_benchmark(tmp_path):
     """Outputs built from one benchmark are reused with it and refused, intact, after it changed."""
-    import hashlib
     (tmp_path / "SYNTHETIC.json").write_text('{"preset": "small", "train_classes": 2000}\n')
     digest = hashlib.sha256((tmp_path / "SYNTHETIC.json").read_bytes()).hexdigest()
     (tmp_path / "fresh" / "logs").mkdir(parents=True)          # only a log: a fresh block, no note
@@ -69,25 +71,32 @@ def test_stamp_outputs_keys_output_dirs_on_their_benchmark(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "reached\n" and proc.stderr == ""
 
     (tmp_path / "SYNTHETIC.json").write_text('{"preset": "small", "train_classes": 1000}\n')
-    proc = run_pipeline_lib(call, tmp_path)
+    proc = run_pipeline_lib("stamp_outputs SYNTHETIC.json brand_new fresh old new; echo reached", tmp_path)
     assert proc.returncode == 2 and "reached" not in proc.stdout
     assert proc.stderr.count("\n") == 1
     assert f"error: fresh was built from another SYNTHETIC.json (sha256 {digest[:12]}..." in proc.stderr
     assert "move fresh away to rebuild it" in proc.stderr
     assert (tmp_path / "old" / "final.pth").read_text() == "weights"
     assert (tmp_path / "old" / "BENCHMARK.sha256").read_text() == f"{digest}  SYNTHETIC.json\n"
-
+    assert not (tmp_path / "brand_new").exists()                # a refused run stamps nothing, not even
+                                                                # the new dirs listed before the stale one
     proc = run_pipeline_lib("stamp_outputs missing.json out", tmp_path)
     assert proc.returncode == 2 and proc.stderr == "error: missing.json not found: cannot key the outputs on it\n"
     assert not (tmp_path / "out").exists()
 
 
-def test_block_refuses_outputs_of_another_train_list_before_any_step(tmp_path):
-    """reproduce_table.sh (real-data route, in a copy of scripts/) keys the old-model and block dirs on
-    label_81313.txt: a block dir stamped from another list stops the run before the split step."""
-    import hashlib
-    import shutil
+def _script_copy(tmp_path):
+    """scripts/ copied into tmp_path (the scripts cd to their parent), advbct/ and tools/ linked beside it."""
     shutil.copytree(REPO / "scripts", tmp_path / "scripts")
+    for name in ("advbct", "tools"):
+        (tmp_path / name).symlink_to(REPO / name)
+    return tmp_path / "scripts"
+
+
+def test_block_refuses_outputs_of_another_train_list_before_any_step(tmp_path):
+    """reproduce_table.sh (real-data route) keys the old-model and block dirs on label_81313.txt: a block
+    dir stamped from another list stops the run before its first step, stamping nothing."""
+    scripts = _script_copy(tmp_path)
     for need in ("data/GLDv2/label_81313.txt", "data/GLDv2/gldv2_private_query_gt.txt",
                  "data/ROxfordParis/gnd_roxford5k.pkl", "data/ROxfordParis/gnd_rparis6k.pkl"):
         (tmp_path / need).parent.mkdir(parents=True, exist_ok=True)
@@ -97,22 +106,49 @@ def test_block_refuses_outputs_of_another_train_list_before_any_step(tmp_path):
     (block / "BENCHMARK.sha256").write_text("0" * 64 + "  ./data/GLDv2/label_81313.txt\n")
     (block / "bct").mkdir()
     (block / "bct" / "final.pth").write_text("weights")
-    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "reproduce_table.sh"), "class", "r18"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    run = ["bash", str(scripts / "reproduce_table.sh"), "class", "r18"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "[run]" not in proc.stdout and proc.stderr.count("\n") == 1
     assert ("error: ./output/reproduce/class_r18 was built from another ./data/GLDv2/label_81313.txt "
             "(sha256 000000000000..." in proc.stderr)
     assert (block / "bct" / "final.pth").read_text() == "weights"
-    # the old-model dir, new, is keyed on the current list
+    old_dir = tmp_path / "output" / "reproduce" / "old_class"
+    assert not old_dir.exists()
+    # with the stale dir moved away, both dirs are keyed on the current list and the steps run: the split,
+    # then the old model, which fails here (no configs, no images) with the step's name
+    shutil.move(str(block), str(tmp_path / "stale"))
+    proc = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert "[run]  split by class (30 % old)" in proc.stdout
+    assert proc.returncode == 1 and "error: step 'old model (R18, class allocation)' failed" in proc.stderr
     digest = hashlib.sha256(b"a.jpg 0\n").hexdigest()
-    stamp = tmp_path / "output" / "reproduce" / "old_class" / "BENCHMARK.sha256"
-    assert stamp.read_text() == f"{digest}  ./data/GLDv2/label_81313.txt\n"
+    stamp = f"{digest}  ./data/GLDv2/label_81313.txt\n"
+    assert (old_dir / "BENCHMARK.sha256").read_text() == stamp
+    assert (block / "BENCHMARK.sha256").read_text() == stamp
 
 
-def test_synthetic_routes_stamp_every_output_dir_they_reuse():
-    """block.sh keys the shared pretrained backbones too; demo.sh keys its OUT."""
-    block = (REPO / "scripts" / "lib" / "block.sh").read_text()
-    assert 'stamp_outputs "$DATA/SYNTHETIC.json" "$PRETRAIN_ROOT" "$OLD_DIR" "$OUT"' in block
+def test_synthetic_block_refuses_a_pretrained_backbone_of_another_benchmark(tiny_synthetic, tmp_path):
+    """The synthetic route keys the shared pretrained backbones too: a stale pretrain dir stops
+    reproduce_table.sh --synthetic before the pretraining, with the old-model and block dirs unstamped."""
+    scripts = _script_copy(tmp_path)
+    pretrain = tmp_path / "output" / "reproduce" / "pretrain_synthetic-tiny"
+    (pretrain / "r18").mkdir(parents=True)
+    (pretrain / "r18" / "final.pth").write_text("weights")
+    (pretrain / "BENCHMARK.sha256").write_text("f" * 64 + "  other/SYNTHETIC.json\n")
+    env = {**os.environ, "PYTHON": sys.executable, "DATA": str(tiny_synthetic)}
+    proc = subprocess.run(["bash", str(scripts / "reproduce_table.sh"), "class", "r18", "--synthetic", "tiny"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stdout == f"[done] synthetic benchmark (tiny)  ({tiny_synthetic}/SYNTHETIC.json)\n"
+    assert (f"error: ./output/reproduce/pretrain_synthetic-tiny was built from another "
+            f"{tiny_synthetic}/SYNTHETIC.json (sha256 ffffffffffff..." in proc.stderr)
+    assert (pretrain / "r18" / "final.pth").read_text() == "weights"
+    assert not (tmp_path / "output" / "reproduce" / "old_class_synthetic-tiny").exists()
+    assert not (tmp_path / "output" / "reproduce" / "class_r18_synthetic-tiny" / "BENCHMARK.sha256").exists()
+
+
+def test_demo_stamps_its_output_dir():
+    """demo.sh keys its OUT like the blocks (it installs .venv first, so it is not run here)."""
     assert 'stamp_outputs "$DATA/SYNTHETIC.json" "$OUT"' in (REPO / "scripts" / "demo.sh").read_text()
 
 

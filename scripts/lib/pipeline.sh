@@ -25,26 +25,28 @@ run_step() {
 # stamp_outputs SOURCE DIR... : key each output DIR on the data it is built from. The first run writes
 # SOURCE's sha256 to DIR/BENCHMARK.sha256; a later run whose SOURCE (a synthetic benchmark's SYNTHETIC.json,
 # the real GLDv2 train list) has changed stops in one line instead of silently reusing models trained on
-# the other data. A DIR that already holds outputs but no stamp (made before stamps existed) is adopted.
+# the other data. Every DIR is checked before any is stamped, so a refused run writes nothing. A DIR that
+# already holds outputs but no stamp (made before stamps existed) is adopted.
 stamp_outputs() {
   local source="$1" sum have dir; shift
   [[ -f "$source" ]] || { echo "error: $source not found: cannot key the outputs on it" >&2; exit 2; }
   sum="$(sha256sum <"$source")"; sum="${sum%% *}"
   for dir in "$@"; do
-    if [[ -f "$dir/BENCHMARK.sha256" ]]; then
-      read -r have _ <"$dir/BENCHMARK.sha256" || true
-      if [[ "$have" != "$sum" ]]; then
-        echo "error: $dir was built from another $source (sha256 ${have:0:12}..., now ${sum:0:12}...): move $dir away to rebuild it, or restore that data" >&2
-        exit 2
-      fi
-    else
-      # (a fresh block's first step has already written its log under DIR/logs: that is not an output)
-      if [[ -d "$dir" && -n "$(ls -A "$dir" | grep -vx logs)" ]]; then
-        echo "[note] $dir has no BENCHMARK.sha256: keying it on the current $source"
-      fi
-      mkdir -p "$dir"
-      echo "$sum  $source" >"$dir/BENCHMARK.sha256.tmp" && mv "$dir/BENCHMARK.sha256.tmp" "$dir/BENCHMARK.sha256"
+    [[ -f "$dir/BENCHMARK.sha256" ]] || continue
+    read -r have _ <"$dir/BENCHMARK.sha256" || true
+    if [[ "$have" != "$sum" ]]; then
+      echo "error: $dir was built from another $source (sha256 ${have:0:12}..., now ${sum:0:12}...): move $dir away to rebuild it, or restore that data" >&2
+      exit 2
     fi
+  done
+  for dir in "$@"; do
+    [[ -f "$dir/BENCHMARK.sha256" ]] && continue
+    # (a fresh block's first step has already written its log under DIR/logs: that is not an output)
+    if [[ -d "$dir" && -n "$(ls -A "$dir" | grep -vx logs)" ]]; then
+      echo "[note] $dir has no BENCHMARK.sha256: keying it on the current $source"
+    fi
+    mkdir -p "$dir"
+    echo "$sum  $source" >"$dir/BENCHMARK.sha256.tmp" && mv "$dir/BENCHMARK.sha256.tmp" "$dir/BENCHMARK.sha256"
   done
 }
 
