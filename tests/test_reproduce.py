@@ -147,9 +147,28 @@ def test_synthetic_block_refuses_a_pretrained_backbone_of_another_benchmark(tiny
     assert not (tmp_path / "output" / "reproduce" / "class_r18_synthetic-tiny" / "BENCHMARK.sha256").exists()
 
 
-def test_demo_stamps_its_output_dir():
-    """demo.sh keys its OUT like the blocks (it installs .venv first, so it is not run here)."""
-    assert 'stamp_outputs "$DATA/SYNTHETIC.json" "$OUT"' in (REPO / "scripts" / "demo.sh").read_text()
+def test_demo_refuses_an_output_dir_of_another_benchmark(tiny_synthetic, tmp_path):
+    """demo.sh keys its OUT like the blocks: a stale output/demo stops it before the pretraining, intact.
+    Its install step is satisfied by a stand-in venv (ADVBCT_VENV) that points at this interpreter."""
+    scripts = _script_copy(tmp_path)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / ".advbct-installed").touch()
+    out = tmp_path / "output" / "demo"
+    (out / "old").mkdir(parents=True)
+    (out / "old" / "final.pth").write_text("weights")
+    (out / "BENCHMARK.sha256").write_text("f" * 64 + "  other/SYNTHETIC.json\n")
+    env = {**os.environ, "PYTHON": sys.executable, "ADVBCT_VENV": str(venv), "DATA": str(tiny_synthetic),
+           "PRESET": "tiny"}
+    proc = subprocess.run(["bash", str(scripts / "demo.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stdout == f"[done] 1/9 synthetic benchmark (tiny)  ({tiny_synthetic}/SYNTHETIC.json)\n"
+    assert (f"error: ./output/demo was built from another {tiny_synthetic}/SYNTHETIC.json "
+            f"(sha256 ffffffffffff..." in proc.stderr)
+    assert (out / "old" / "final.pth").read_text() == "weights"
+    assert sorted(p.name for p in out.iterdir()) == ["BENCHMARK.sha256", "old"]
 
 
 @pytest.mark.parametrize("script", ["reproduce_table.sh", "reproduce_ablation.sh"])
