@@ -109,7 +109,7 @@ def test_repo_configs_are_valid():
                     assert cfg.MODEL.PRETRAINED_PATH == f"./output/synthetic/pretrain_{init}/final.pth"
                     assert not cfg.MODEL.ZERO_INIT_RESIDUAL and not cfg.EVAL.AMP
                     r50 = init == "r50"
-                    # base.yml: every synthetic model trains in bf16 + NHWC (a small block within 30 minutes)
+                    # base.yml: every synthetic model trains in bf16 + NHWC (an R18 block within 30 minutes)
                     assert (cfg.TRAIN.AMP, cfg.TRAIN.CHANNELS_LAST) == ("bf16", True)
                     # every block model 3 epochs (R50s: 3 of 12,051 images beat 5 of 6,010, session 12)
                     assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.LR_STEPS) == (3, [2])
