@@ -1,6 +1,10 @@
-"""Shared pytest fixtures: the tiny synthetic benchmark and the read-only shared data folder."""
+"""Shared pytest fixtures: the tiny synthetic benchmark, the read-only shared data folder, tools/benchmark.py."""
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,3 +33,20 @@ def shared_dir():
     if not path.is_dir():
         pytest.skip(f"shared reference folder {path} is absent (real gnd files unavailable)")
     return path
+
+
+@pytest.fixture(scope="module")
+def benchmark_tools():
+    """``tools/benchmark.py`` loaded as a module (``cli``) and ``suite(name)`` importing ``tools/benchmarks/<name>``."""
+    import torch
+    threads = torch.get_num_threads()  # the benchmark's --threads sets it process-wide: restore it after
+    tools = str(REPO_ROOT / "tools")
+    sys.path.insert(0, tools)
+    try:
+        spec = importlib.util.spec_from_file_location("advbct_benchmark_cli", str(REPO_ROOT / "tools" / "benchmark.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield SimpleNamespace(cli=module, suite=lambda name: importlib.import_module(f"benchmarks.{name}"))
+    finally:
+        sys.path.remove(tools)
+        torch.set_num_threads(threads)

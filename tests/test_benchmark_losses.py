@@ -4,31 +4,18 @@ Timings are not asserted (they go to docs/BENCHMARKS.md); what is tested is that
 computes the same loss, and that the benchmark refuses to time a pair that disagrees.
 """
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 SMALL = ["--device", "cpu", "--batch", "48", "--dim", "16", "--old-classes", "30", "--new-classes", "100",
          "--old-fraction", "0.5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
-def benchmark_cli():
-    threads = torch.get_num_threads()  # the benchmark's --threads sets it process-wide: restore it after
-    sys.path.insert(0, TOOLS)
-    try:
-        spec = importlib.util.spec_from_file_location("advbct_benchmark_cli", os.path.join(TOOLS, "benchmark.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module, importlib.import_module("benchmarks.losses")
-    finally:
-        sys.path.remove(TOOLS)
-        torch.set_num_threads(threads)
+def benchmark_cli(benchmark_tools):
+    return benchmark_tools.cli, benchmark_tools.suite("losses")
 
 
 def test_every_method_agrees_with_its_reference_and_json_schema(benchmark_cli, tmp_path):

@@ -6,8 +6,10 @@ have the paper's heads (256-d embedding, 81,313 new classes, 24,393 old ones as 
 the AdvBCT loss a random old-class meta. On CPU: ResNet-18 at 64 px, batch 64, fp32 (``--cpu-amp bf16``,
 ``--channels-last`` and ``--cpu-arch resnet50`` measure the synthetic R50 blocks' setting). With CUDA:
 ResNet-18 and ResNet-50 at 224 px, batch 256, AMP bf16 and fp32 (else reported as unmeasured).
+``--compile`` runs the new model through ``torch.compile`` (the trainer does not: on the 2-core AMD EPYC it
+gained nothing, docs/BENCHMARKS.md); its first step, compilation included, is reported as ``first_step_s``.
 
-    python tools/benchmark.py training [--steps 5] [--threads 1] [--channels-last] [--json OUT]
+    python tools/benchmark.py training [--steps 5] [--threads 1] [--channels-last] [--compile] [--json OUT]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-amp", choices=("none", "bf16"), default="none", help="CPU autocast (TRAIN.AMP)")
     parser.add_argument("--channels-last", action="store_true",
                         help="models and batches in NHWC on every device (TRAIN.CHANNELS_LAST)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the new model (not the old one)")
     parser.add_argument("--gpu-archs", default="resnet18,resnet50")
     parser.add_argument("--gpu-size", type=int, default=224)
     parser.add_argument("--gpu-batch", type=int, default=256)
@@ -71,7 +74,9 @@ def make_stepper(args, arch, device, amp, advbct, gen):
                                  total_epochs=30, meta=random_meta(args.old_classes, args.emb_dim, gen)).to(device)
     params = list(model.parameters()) + ([p for p in comp.parameters() if p.requires_grad] if comp else [])
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    return SimpleNamespace(model=model, ddp=model, old_model=old_model, comp_loss=comp, comp_ddp=comp,
+    # the step calls ``ddp``: compiling it compiles the new model's forward and, through it, its backward
+    ddp = torch.compile(model) if getattr(args, "compile", False) else model
+    return SimpleNamespace(model=model, ddp=ddp, old_model=old_model, comp_loss=comp, comp_ddp=comp,
                            optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=False),
                            autocast=lambda: autocast_context(amp, device))
 
@@ -83,7 +88,7 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
     is_old = torch.rand(batch, generator=gen) < args.old_fraction
     labels = torch.where(is_old, torch.randint(0, args.old_classes, (batch,), generator=gen),
                          torch.randint(args.old_classes, args.num_classes, (batch,), generator=gen)).to(device)
-    times = []
+    times, first = [], None
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -92,10 +97,12 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
         float(terms["total"])  # waits for the step; a NaN here would mean a broken benchmark
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        first = elapsed if i == 0 else first
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     ms = statistics.median(times) * 1000.0
-    return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1)}
+    return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1), "first_step_s": round(first, 2)}
 
 
 def compare(args, arch, device, size, batch, amp, gen):
@@ -106,13 +113,15 @@ def compare(args, arch, device, size, batch, amp, gen):
 
 def run(args) -> dict:
     """Throughput plain vs AdvBCT on CPU (``--cpu-amp``) and, with CUDA, per GPU arch x {bf16, fp32}."""
+    if args.compile and args.warmup < 1:
+        raise SystemExit("benchmark training: --compile needs --warmup >= 1 (the first step compiles)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     result = {"setup": {"emb_dim": args.emb_dim, "num_classes": args.num_classes, "old_classes": args.old_classes,
                         "old_fraction": args.old_fraction, "steps": args.steps, "warmup": args.warmup,
-                        "channels_last": bool(args.channels_last)}}
+                        "channels_last": bool(args.channels_last), "compile": bool(args.compile)}}
     if not args.no_cpu:
         cpu = {"arch": args.cpu_arch, "img_size": args.cpu_size, "batch": args.cpu_batch, "amp": args.cpu_amp,
                "threads": torch.get_num_threads()}

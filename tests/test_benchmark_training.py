@@ -1,0 +1,57 @@
+"""The training benchmark's figures are consistent with each other, and ``--compile`` compiles the new model only.
+
+Timings are not asserted (they go to docs/BENCHMARKS.md).
+"""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+TINY = ["--cpu-size", "32", "--cpu-batch", "4", "--num-classes", "10", "--old-classes", "4", "--emb-dim", "16",
+        "--steps", "1", "--warmup", "1", "--threads", "1", "--no-gpu"]
+
+
+@pytest.fixture(scope="module")
+def benchmark_cli(benchmark_tools):
+    return benchmark_tools.cli, benchmark_tools.suite("training")
+
+
+def _args(training, *extra):
+    parser = argparse.ArgumentParser()
+    training.add_arguments(parser)
+    return parser.parse_args([*TINY, *extra])
+
+
+def test_figures_are_consistent(benchmark_cli, tmp_path):
+    cli, _ = benchmark_cli
+    out = tmp_path / "training.json"
+    cli.main(["training", *TINY, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["setup"]["compile"] is False and result["cuda"] == "unmeasured (--no-gpu)"
+    cpu = result["cpu"]
+    assert (cpu["arch"], cpu["img_size"], cpu["batch"], cpu["threads"]) == ("resnet18", 32, 4, 1)
+    for kind in ("plain", "advbct"):
+        fig = cpu[kind]
+        assert fig["step_ms"] > 0 and fig["first_step_s"] > 0
+        assert fig["img_per_s"] == round(4 / fig["step_ms"] * 1000.0, 1)
+    assert cpu["advbct_time_ratio"] == round(cpu["advbct"]["step_ms"] / cpu["plain"]["step_ms"], 3)
+
+
+def test_compile_wraps_the_new_model_only(benchmark_cli):
+    cli, training = benchmark_cli
+    gen = torch.Generator().manual_seed(0)
+    plain = training.make_stepper(_args(training), "resnet18", torch.device("cpu"), "none", True, gen)
+    assert plain.ddp is plain.model
+    compiled = training.make_stepper(_args(training, "--compile"), "resnet18", torch.device("cpu"), "none", True, gen)
+    assert compiled.ddp is not compiled.model and compiled.ddp._orig_mod is compiled.model
+    assert compiled.old_model is not None and not hasattr(compiled.old_model, "_orig_mod")
+
+
+def test_compile_without_warmup_is_refused(benchmark_cli, tmp_path):
+    cli, _ = benchmark_cli
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit, match="--compile needs --warmup >= 1"):
+        cli.main(["training", *TINY, "--compile", "--warmup", "0", "--json", str(out)])
+    assert not out.exists()
