@@ -64,7 +64,8 @@ DEFAULTS = {
         "WEIGHT_DECAY": (5e-4, "SGD weight decay, on all parameters as the original"),
         "LR_STEPS": ([5, 10, 20], "MultiStepLR milestones (epochs)"),
         "LR_GAMMA": (0.1, "MultiStepLR factor"),
-        "AMP": ("none", "mixed precision: none | bf16 | fp16"),
+        "AMP": ("none", "mixed precision: none | bf16 | fp16 | auto (bf16 where the device computes it "
+                "natively, else none; advbct/engine/precision.py)"),
         "CHANNELS_LAST": (False, "NHWC memory format for the models and batches (same result; faster "
                           "bf16 convolutions on CPU)"),
         "SAVE_FREQ": (5, "save a checkpoint every N epochs (last.pth is written every epoch)"),

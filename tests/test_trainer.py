@@ -358,3 +358,31 @@ def test_periodic_eval_logs_the_final_models_scores(setup, tiny_synthetic, tmp_p
     log = (tmp_path / "log.txt").read_text()
     line = next(ln for ln in log.splitlines() if "eval epoch 1:" in ln)
     assert line.endswith("eval epoch 1: " + " ".join(f"{k} {v:.2f}" for k, v in want.items())), line
+
+
+# --------------------------------------------------------------------------------------- TRAIN.AMP auto
+@pytest.mark.parametrize("native, used", [(False, "none"), (True, "bf16")])
+def test_amp_auto_trains_as_the_mode_it_resolves_to(setup, tmp_path, monkeypatch, native, used):
+    """TRAIN.AMP auto gives, weight for weight, the run of the mode it resolves to on this CPU, and records
+    that mode (config.yaml, checkpoint, log); fp32 and bf16 runs differ, so the comparison can fail."""
+    import yaml
+    from advbct.engine import precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    one_step = ("TRAIN.EPOCHS", "1", "TRAIN.MAX_ITERS_PER_EPOCH", "1")
+    weights = {}
+    for mode in ("auto", "none", "bf16"):
+        Trainer(load_config(None, advbct_overrides(setup, tmp_path / mode, "TRAIN.AMP", mode, *one_step))).fit()
+        weights[mode] = load(tmp_path / mode / "last.pth")
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["TRAIN"]["AMP"] == used
+    assert weights["auto"]["config"]["TRAIN"]["AMP"] == used
+    assert f"TRAIN.AMP auto -> {used}: this cpu (" in (tmp_path / "auto" / "log.txt").read_text()
+    other = "bf16" if used == "none" else "none"
+    assert any(not torch.equal(v, weights[other]["model"][k]) for k, v in weights[used]["model"].items()
+               if v.is_floating_point())
+    for key, value in weights[used]["model"].items():
+        assert torch.equal(weights["auto"]["model"][key], value), key
+
+
+def test_unknown_amp_mode_is_refused_before_training(setup, tmp_path, monkeypatch, capsys):
+    msg = run_expecting_user_error(overrides(setup, tmp_path, "TRAIN.AMP", "fp32"), monkeypatch, capsys, tmp_path)
+    assert msg == "error: TRAIN.AMP must be one of none, bf16, fp16, auto, got 'fp32'"

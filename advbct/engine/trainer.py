@@ -5,7 +5,6 @@ list, SGD + MultiStepLR per epoch. The loss is L_cls (+ COMP_LOSS.WEIGHT x compa
 epoch ends with an atomic ``last.pth``, so a killed run loses at most the epoch in progress.
 """
 
-import contextlib
 import logging
 import math
 import os
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from advbct import distributed as dist
 from advbct.config import save_config
 from advbct.engine.builders import build_compatibility, build_new_model, build_train_dataset
+from advbct.engine.precision import autocast_context, memory_format, resolve_amp
 from advbct.engine.sync_bn import convert_sync_batchnorm
 from advbct.errors import NonFiniteLossError, UserError
 from advbct.models import load_checkpoint, save_checkpoint
@@ -53,21 +53,6 @@ def setup_logger(output_dir, rank):
     return logger
 
 
-def autocast_context(mode, device):
-    if mode == "none":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-    if dtype is None:
-        raise UserError(f"TRAIN.AMP must be none, bf16 or fp16, got '{mode}'")
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def memory_format(channels_last):
-    """TRAIN.CHANNELS_LAST -> the layout of models and batches. NHWC: oneDNN's bf16 convolutions run ~1.3x
-    faster in it on CPU (docs/BENCHMARKS.md); values are unchanged."""
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def periodic_eval_set(cfg):
     """The test set of TRAIN.EVAL_FREQ's evaluations (one, EVAL.DATASET at EVAL.ROOT), or None when off."""
     if not cfg.TRAIN.EVAL_FREQ:
@@ -88,6 +73,10 @@ class Trainer:
         self.rank, self.world, self.device = dist.init_distributed()
         os.makedirs(cfg.OUTPUT, exist_ok=True)
         self.log = setup_logger(cfg.OUTPUT, self.rank)
+        # TRAIN.AMP auto becomes the precision used here, which config.yaml and the checkpoints record
+        cfg.TRAIN.AMP, note = resolve_amp(cfg.TRAIN.AMP, self.device)
+        if note:
+            self.log.info(note)
         if self.rank == 0:
             save_config(cfg, os.path.join(cfg.OUTPUT, "config.yaml"))
         seed_everything(cfg.SEED)

@@ -22,7 +22,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from advbct.engine.trainer import Trainer, autocast_context, memory_format
+from advbct.engine.precision import autocast_context, memory_format
+from advbct.engine.trainer import Trainer
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
 from advbct.models import build_model
