@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded synthetic benchmark, start to finish (about 8 minutes on 2 CPU cores):
+# The main job on the embedded synthetic benchmark, start to finish (about 10 minutes on 2 CPU cores with bf16
+# instructions, longer without: README.md):
 #   bash scripts/demo.sh
 # 0 installs into .venv if needed, 1 writes the `small` synthetic benchmark, 2 pretrains the ResNet-18
 # backbone both models start from (the stand-in for ImageNet weights), 3 splits off 30 % of the classes,
