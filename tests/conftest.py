@@ -43,7 +43,7 @@ def benchmark_tools():
     tools = str(REPO_ROOT / "tools")
     sys.path.insert(0, tools)
     try:
-        spec = importlib.util.spec_from_file_location("advbct_benchmark_cli", str(REPO_ROOT / "tools" / "benchmark.py"))
+        spec = importlib.util.spec_from_file_location("advbct_benchmark_cli", str(Path(tools) / "benchmark.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         yield SimpleNamespace(cli=module, suite=lambda name: importlib.import_module(f"benchmarks.{name}"))

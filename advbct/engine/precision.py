@@ -39,7 +39,8 @@ def resolve_amp(mode, device):
         raise UserError(f"TRAIN.AMP must be one of {', '.join(AMP_MODES)}, got '{mode}'")
     if mode == "auto":
         used = "bf16" if native_bf16(device) else "none"
-        why = "computes bf16 natively" if used == "bf16" else "has no native bf16 (it would be emulated, slower than fp32)"
+        why = ("computes bf16 natively" if used == "bf16"
+               else "has no native bf16 (it would be emulated, slower than fp32)")
         return used, f"TRAIN.AMP auto -> {used}: this {device.type} ({capability(device)}) {why}"
     if mode == "bf16" and not native_bf16(device):
         return mode, (f"warning: TRAIN.AMP bf16 on a {device.type} ({capability(device)}) without native bf16: "

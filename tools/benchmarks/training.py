@@ -76,7 +76,7 @@ def make_stepper(args, arch, device, amp, advbct, gen):
     params = list(model.parameters()) + ([p for p in comp.parameters() if p.requires_grad] if comp else [])
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     # the step calls ``ddp``: compiling it compiles the new model's forward and, through it, its backward
-    ddp = torch.compile(model) if getattr(args, "compile", False) else model
+    ddp = torch.compile(model) if args.compile else model
     return SimpleNamespace(model=model, ddp=ddp, old_model=old_model, comp_loss=comp, comp_ddp=comp,
                            optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=False),
                            autocast=lambda: autocast_context(amp, device))
@@ -89,8 +89,8 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
     is_old = torch.rand(batch, generator=gen) < args.old_fraction
     labels = torch.where(is_old, torch.randint(0, args.old_classes, (batch,), generator=gen),
                          torch.randint(args.old_classes, args.num_classes, (batch,), generator=gen)).to(device)
-    times, first = [], None
-    for i in range(args.warmup + args.steps):
+    times = []   # every step's, warm-up included: the first one (compilation, if any) is reported apart
+    for _ in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -98,12 +98,9 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
         float(terms["total"])  # waits for the step; a NaN here would mean a broken benchmark
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        first = elapsed if i == 0 else first
-        if i >= args.warmup:
-            times.append(elapsed)
-    ms = statistics.median(times) * 1000.0
-    return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1), "first_step_s": round(first, 2)}
+        times.append(time.perf_counter() - start)
+    ms = statistics.median(times[args.warmup:]) * 1000.0
+    return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1), "first_step_s": round(times[0], 2)}
 
 
 def compare(args, arch, device, size, batch, amp, gen):
