@@ -50,7 +50,8 @@ DEFAULTS = {
         "AUGMENT": ("none", "training augmentation: none (the paper) | flip | crop_flip (random crop of "
                     "CROP_SCALE of the area, then flip)"),
         "CROP_SCALE": ([0.5, 1.0], "crop_flip: [min, max] fraction of the image area kept"),
-        "NUM_WORKERS": (8, "DataLoader worker processes per rank"),
+        "NUM_WORKERS": (-1, "DataLoader worker processes per rank; -1 = auto: min(8, CPUs / local ranks - 1) "
+                        "(advbct/data/workers.py)"),
     },
     "META": {
         "TRAIN_LIST": ("", "old model's training list, embedded by scripts/extract_meta.sh"),
@@ -64,8 +65,8 @@ DEFAULTS = {
         "WEIGHT_DECAY": (5e-4, "SGD weight decay, on all parameters as the original"),
         "LR_STEPS": ([5, 10, 20], "MultiStepLR milestones (epochs)"),
         "LR_GAMMA": (0.1, "MultiStepLR factor"),
-        "AMP": ("none", "mixed precision: none | bf16 | fp16 | auto (bf16 where the device computes it "
-                "natively, else none; advbct/engine/precision.py)"),
+        "AMP": ("none", "mixed precision: none | bf16 | fp16 (CUDA only) | auto (bf16 where the device computes "
+                "it natively, else fp16 on CUDA GPUs sm_70+, else none; advbct/engine/precision.py)"),
         "CHANNELS_LAST": (False, "NHWC memory format for the models and batches (same result; faster "
                           "bf16 convolutions on CPU)"),
         "SAVE_FREQ": (5, "save a checkpoint every N epochs (last.pth is written every epoch)"),
@@ -99,7 +100,8 @@ DEFAULTS = {
         "ROOT": ("./data/ROxfordParis", "dataset root (see Dataset.md); with several sets one root or one per set"),
         "IMG_SIZE": (224, "evaluation images are resized whole to IMG_SIZE x IMG_SIZE"),
         "BATCH_SIZE": (64, "images per extraction batch per process"),
-        "NUM_WORKERS": (4, "DataLoader worker processes per rank"),
+        "NUM_WORKERS": (-1, "DataLoader worker processes per rank; -1 = auto: min(8, CPUs / local ranks - 1) "
+                        "(advbct/data/workers.py)"),
         "CROP_QUERY": (False, "crop queries to their bbx (revisitop standard; the original code does not)"),
         "AMP": (False, "extract features under bf16 autocast"),
         "GLDV2_SPLIT": ("private", "gldv2 query split: private | public"),

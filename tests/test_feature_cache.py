@@ -23,9 +23,9 @@ class CountingModel(torch.nn.Module):
         self.model, self.images = model, 0
         self.embed_dim = model.embed_dim
 
-    def forward(self, x):
+    def embed(self, x):
         self.images += x.shape[0]
-        return self.model(x)
+        return self.model.embed(x)
 
 
 @pytest.fixture(scope="module")

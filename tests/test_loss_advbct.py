@@ -66,7 +66,7 @@ def test_elastic_boundary_matches_reference_value_and_grads(seed, compact):
     meta = make_meta(seed)
     torch.manual_seed(seed)
     eb = ElasticBoundaryLoss(meta, C_OLD, threshold=1.0)
-    eb.compact = compact
+    eb.compact_rows = compact
     feat_new, labels = batch(seed)
     x = feat_new.clone().requires_grad_(True)
     loss, diag = eb(x, labels)

@@ -93,3 +93,32 @@ def test_use_gpu_true_follows_faiss_support(data):
     else:
         with pytest.raises(UserError, match="faiss has no GPU support"):
             knn_search(query, gallery, k=10, use_gpu=True)
+
+
+def test_gpu_index_goes_on_this_ranks_gpu(data, monkeypatch):
+    """With faiss-gpu the gallery goes on the GPU torch uses in this process (local rank 2 here), never
+    on GPU 0 for every rank. A stand-in faiss records the device id and searches with the CPU index."""
+    import faiss
+
+    query, gallery, _, order = data
+    placed = []
+
+    class StandInGpu:
+        StandardGpuResources = object
+        IndexFlatIP = faiss.IndexFlatIP
+
+        @staticmethod
+        def get_num_gpus():
+            return 4
+
+        @staticmethod
+        def index_cpu_to_gpu(resources, device, index):
+            placed.append(device)
+            return index
+
+    monkeypatch.setitem(__import__("sys").modules, "faiss", StandInGpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    _, ranks = knn_search(query, gallery, k=10, use_gpu=True)
+    assert placed == [2]
+    np.testing.assert_array_equal(ranks, order[:, :10])

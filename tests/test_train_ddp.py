@@ -245,3 +245,86 @@ def test_convert_sync_batchnorm_keeps_the_state():
     model_ref.load_state_dict(before)
     model_ref.eval()
     torch.testing.assert_close(converted(x)["feat"], model_ref(x)["feat"])  # one process: plain BatchNorm
+
+
+# ----------------------------------------------------------------- resume without a shared filesystem
+def _resume_worker(rank, port, outputs, overrides):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), CUDA_VISIBLE_DEVICES="")
+    torch.set_num_threads(1)
+    from advbct import distributed
+    from advbct.engine.trainer import Trainer
+
+    try:  # each rank its own OUTPUT: only rank 0's holds last.pth, as on nodes without a shared filesystem
+        trainer = Trainer(load_config(None, [*overrides, "OUTPUT", outputs[rank], "TRAIN.RESUME", "auto"]))
+        torch.save({"start_epoch": trainer.start_epoch, "model": trainer.model.state_dict(),
+                    "comp_loss": trainer.comp_loss.state_dict()}, os.path.join(outputs[rank], "resumed.pt"))
+    finally:
+        distributed.cleanup()
+
+
+@pytest.mark.slow
+def test_resume_comes_from_rank_0_on_every_rank(setup, tmp_path):
+    """TRAIN.RESUME auto: rank 0 reads last.pth and every rank resumes from it (epoch, weights, loss
+    module), even a rank whose own OUTPUT has no checkpoint; reading per rank would start rank 1 afresh."""
+    data, extra = setup["data"], setup["comp"]["advbct"]
+    overrides = base_overrides(data, tmp_path / "first", BATCH // WORLD, extra)[2:]  # without OUTPUT
+    run_one_process(["OUTPUT", str(tmp_path / "first"), *overrides])
+    saved = load_last(tmp_path / "first")
+    (tmp_path / "other").mkdir()
+    outputs = [str(tmp_path / "first"), str(tmp_path / "other")]
+    extended = [*overrides, "TRAIN.EPOCHS", "2"]  # one epoch left to train
+    mp.spawn(_resume_worker, args=(_free_port(), outputs, extended), nprocs=WORLD, join=True)
+    for out in outputs:
+        resumed = torch.load(os.path.join(out, "resumed.pt"), weights_only=True)
+        assert resumed["start_epoch"] == saved["epoch"] == 1
+        for part in ("model", "comp_loss"):
+            assert resumed[part].keys() == saved[part].keys()
+            for key, value in saved[part].items():
+                assert torch.equal(resumed[part][key], value), f"{out} {part} {key}"
+    assert not (tmp_path / "other" / "last.pth").exists()
+
+
+# ----------------------------------------------------------------- DDP over the loss module
+def _loss_ddp_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from advbct.losses import build_compat_loss
+        from advbct.meta import ClassMeta
+
+        torch.manual_seed(0)
+        classes, dim = 3, 8
+        meta = ClassMeta(centers=0.5 * torch.nn.functional.normalize(torch.randn(classes, dim), dim=1),
+                         r_max=torch.full((classes,), 0.3), r_min=torch.full((classes,), 0.1),
+                         counts=torch.full((classes,), 6), n_kept=torch.full((classes,), 5),
+                         theta_max=torch.full((classes,), 0.5))
+        loss = build_compat_loss({"TYPE": "advbct"}, embed_dim=dim, num_old_classes=classes, total_epochs=3,
+                                 meta=meta)
+        ddp = DistributedDataParallel(loss, gradient_as_bucket_view=True)  # as the trainer: no unused search
+        opt = torch.optim.SGD(loss.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(10 + rank)
+        for step in range(3):
+            # step 1 on rank 1: new classes only, so no sample reaches the elastic weights
+            labels = torch.tensor([5, 6, 7, 8]) if (step == 1 and rank == 1) else torch.tensor([0, 1, 2, 6])
+            out = ddp(torch.randn(4, dim, generator=g), torch.randn(4, dim, generator=g), labels,
+                      progress=step / 3, epoch=0)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        torch.save({k: v.detach().clone() for k, v in loss.named_parameters()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_loss_module_ddp_survives_a_batch_without_old_classes(tmp_path):
+    """The AdvBCT module under DDP without find_unused_parameters: a step where one rank has no old-class
+    sample still reduces every parameter (zero gradient for the elastic weights), and the ranks' parameters
+    stay equal (BatchNorm statistics are per rank here: no SyncBN in this module-only check)."""
+    mp.spawn(_loss_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0.keys() == r1.keys() and "boundary.elastic_weight" in r0
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=key)

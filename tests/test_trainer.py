@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -171,6 +172,23 @@ def test_killed_process_resumes(setup, straight, tmp_path):
             diff = (got[key].double() - want[key].double()).norm() / want[key].double().norm().clamp(min=1e-12)
             assert diff <= 1e-6, f"{part}.{key}: relative difference {float(diff)}"
 
+
+
+def test_resume_in_another_precision_warns_and_starts_a_fresh_loss_scale(setup, straight, tmp_path, monkeypatch):
+    """A checkpoint of an fp32 run (empty GradScaler state) resumed where TRAIN.AMP now means fp16 (auto on
+    another kind of GPU): no crash on the empty scaler state, the weights still come back, and the log
+    names the change."""
+    import advbct.engine.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "resolve_amp", lambda mode, device: ("fp16", None))
+    resumed = Trainer(load_config(None, advbct_overrides(setup, tmp_path, "TRAIN.RESUME",
+                                                         str(straight["out"] / "last.pth"))))
+    assert resumed.start_epoch == 2 and resumed.scaler.is_enabled()
+    assert resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()  # the default initial scale
+    assert torch.equal(resumed.model.state_dict()["embedding.fc.weight"],
+                       straight["last"]["model"]["embedding.fc.weight"])
+    assert (f"warning: {straight['out'] / 'last.pth'} trained in TRAIN.AMP none; the run continues in fp16"
+            in (tmp_path / "log.txt").read_text())
 
 # ------------------------------------------------------------------------------------ memory format
 def test_channels_last_trains_the_same_model_in_nhwc(setup, tmp_path):
@@ -358,6 +376,18 @@ def test_periodic_eval_logs_the_final_models_scores(setup, tiny_synthetic, tmp_p
     log = (tmp_path / "log.txt").read_text()
     line = next(ln for ln in log.splitlines() if "eval epoch 1:" in ln)
     assert line.endswith("eval epoch 1: " + " ".join(f"{k} {v:.2f}" for k, v in want.items())), line
+    assert "note: global batch 1 x 8 = 8 images, the release trained with 1024 (4 GPUs x 256)" in log
+
+
+@pytest.mark.parametrize("world, batch, noted", [(4, 256, False), (8, 128, False), (8, 256, True), (2, 256, True)])
+def test_a_global_batch_other_than_the_releases_is_noted(world, batch, noted):
+    """The release trained 4 GPUs x 256: any other global batch (with TRAIN.LR as given) gets a log line."""
+    lines = []
+    fake = SimpleNamespace(world=world, cfg=load_config(None, ["TRAIN.BATCH_SIZE", str(batch)]),
+                           log=SimpleNamespace(info=lines.append))
+    Trainer._check_recipe(fake)
+    assert lines == ([f"note: global batch {world} x {batch} = {world * batch} images, the release trained "
+                      f"with 1024 (4 GPUs x 256); TRAIN.LR 0.1 is used as given"] if noted else [])
 
 
 # --------------------------------------------------------------------------------------- TRAIN.AMP auto

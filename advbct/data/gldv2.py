@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from advbct.data.files import missing_files
 from advbct.data.image_list import read_image_list
 from advbct.errors import UserError
 
@@ -256,9 +257,7 @@ def _write_lines(path, lines):
 
 def _missing_images(image_root, relpaths):
     """Boolean mask of the images of ``relpaths`` absent under ``image_root``."""
-    return np.fromiter(
-        (not os.path.isfile(os.path.join(image_root, p)) for p in relpaths), dtype=bool, count=len(relpaths)
-    )
+    return missing_files([os.path.join(image_root, p) for p in relpaths])
 
 
 def prepare_gldv2(csv_dir, out_dir, image_root=None, skip_missing=False, check_train_csv=True):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from advbct.data.files import missing_files
 from advbct.data.image_list import ImageListDataset
 from advbct.data.safe_pickle import safe_load_pickle
 from advbct.errors import UserError
@@ -103,10 +104,11 @@ def _parse_gnd(cfg, gnd_path):
 
 def _check_images(paths, image_dir):
     """Raise UserError naming the first missing image and how many are missing."""
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
+    missing = missing_files(paths)
+    if missing.any():
+        first = paths[int(np.flatnonzero(missing)[0])]
         raise UserError(
-            f"{missing[0]}: image not found ({len(missing)} of {len(paths)} images missing under "
+            f"{first}: image not found ({int(missing.sum())} of {len(paths)} images missing under "
             f"{image_dir}); see Dataset.md"
         )
 

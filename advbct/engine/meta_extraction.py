@@ -7,6 +7,7 @@ import torch
 from advbct import distributed as dist
 from advbct.data.image_list import ImageListDataset, read_image_list
 from advbct.data.transforms import eval_transform
+from advbct.data.workers import resolve_num_workers
 from advbct.engine.builders import checkpoint_shapes, load_trained_model
 from advbct.errors import UserError
 from advbct.evaluation.features import extract_features
@@ -14,7 +15,10 @@ from advbct.meta import compute_meta, save_meta
 
 
 def extract_meta(cfg, progress=True):
-    """Features of META.TRAIN_LIST by OLD_MODEL -> per-class centers and radii -> COMP_LOSS.META_PATH."""
+    """Features of META.TRAIN_LIST by OLD_MODEL -> per-class centers and radii -> COMP_LOSS.META_PATH.
+
+    Every rank embeds a shard; rank 0 gathers the features, computes the meta, writes it and returns it
+    (the other ranks return None once it is written)."""
     out = cfg.COMP_LOSS.META_PATH
     if not out:
         raise UserError("COMP_LOSS.META_PATH is empty: where should the meta file be written?")
@@ -29,10 +33,11 @@ def extract_meta(cfg, progress=True):
     model = load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
     dataset = ImageListDataset(paths, labels, transform=eval_transform(cfg.DATA.IMG_SIZE))
     feats = extract_features(model, dataset, batch_size=cfg.EVAL.BATCH_SIZE,
-                             num_workers=cfg.EVAL.NUM_WORKERS, device=device, amp=cfg.EVAL.AMP,
+                             num_workers=resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS"), device=device, amp=cfg.EVAL.AMP,
                              desc="embed old training set", progress=progress)
-    meta = compute_meta(feats, torch.as_tensor(labels), num_classes)
+    meta = None
     if dist.is_main_process():
+        meta = compute_meta(feats, torch.as_tensor(labels), num_classes)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_meta(out, meta)
     dist.barrier()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from advbct import distributed as dist
 from advbct.config import save_config
+from advbct.data.workers import resolve_num_workers
 from advbct.engine.builders import build_compatibility, build_new_model, build_train_dataset
 from advbct.engine.precision import autocast_context, memory_format, resolve_amp
 from advbct.engine.sync_bn import convert_sync_batchnorm
@@ -28,6 +29,7 @@ from advbct.errors import NonFiniteLossError, UserError
 from advbct.models import load_checkpoint, save_checkpoint
 
 LAST = "last.pth"
+RELEASE_GLOBAL_BATCH = 4 * 256  # the release's recipe: 4 GPUs x 256 images
 FINAL = "final.pth"
 
 
@@ -73,6 +75,8 @@ class Trainer:
         self.rank, self.world, self.device = dist.init_distributed()
         os.makedirs(cfg.OUTPUT, exist_ok=True)
         self.log = setup_logger(cfg.OUTPUT, self.rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed-size batches: the fastest kernels, tuned once
         # TRAIN.AMP auto becomes the precision used here, which config.yaml and the checkpoints record
         cfg.TRAIN.AMP, note = resolve_amp(cfg.TRAIN.AMP, self.device)
         if note:
@@ -88,10 +92,10 @@ class Trainer:
             raise UserError("TRAIN.BATCH_SIZE and TRAIN.EPOCHS must be positive")
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                           shuffle=True, seed=cfg.SEED, drop_last=False)
+        workers = resolve_num_workers(cfg.DATA.NUM_WORKERS, "DATA.NUM_WORKERS")  # after init: knows the local ranks
         self.loader = DataLoader(self.dataset, batch_size=cfg.TRAIN.BATCH_SIZE, sampler=self.sampler,
-                                 num_workers=cfg.DATA.NUM_WORKERS, drop_last=len(self.dataset) >= self.world * cfg.TRAIN.BATCH_SIZE,
-                                 pin_memory=self.device.type == "cuda",
-                                 persistent_workers=cfg.DATA.NUM_WORKERS > 0)
+                                 num_workers=workers, drop_last=len(self.dataset) >= self.world * cfg.TRAIN.BATCH_SIZE,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         self.iters_per_epoch = len(self.loader)
         if cfg.TRAIN.MAX_ITERS_PER_EPOCH:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.TRAIN.MAX_ITERS_PER_EPOCH)
@@ -111,14 +115,13 @@ class Trainer:
             if self.comp_loss is not None:
                 self.comp_loss = convert_sync_batchnorm(self.comp_loss, self.device)
         self.model = model
-        self.ddp = (DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-                    if self.world > 1 else model)
-        # the loss module owns learnable parts (elastic radii, discriminator): sync them as well
+        self.ddp = self._distributed(model)
+        # the loss module owns learnable parts (elastic radii, discriminator): sync them as well. Every
+        # one of them takes part in every step (a batch without old-class samples gives the elastic
+        # weights a zero gradient, not none), so DDP need not search the graph for unused ones.
         self.comp_ddp = self.comp_loss
-        if self.comp_loss is not None and self.world > 1 and any(p.requires_grad for p in self.comp_loss.parameters()):
-            self.comp_ddp = DistributedDataParallel(
-                self.comp_loss, device_ids=[self.device] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)  # e.g. a batch without old-class samples
+        if self.comp_loss is not None and any(p.requires_grad for p in self.comp_loss.parameters()):
+            self.comp_ddp = self._distributed(self.comp_loss)
 
         params = list(model.parameters())
         if self.comp_loss is not None:
@@ -138,6 +141,22 @@ class Trainer:
         kind = cfg.COMP_LOSS.TYPE or "none"
         self.log.info(f"train {cfg.MODEL.ARCH}: {len(self.dataset)} images, {self.num_classes} classes, "
                       f"world {self.world} on {self.device.type}, compatibility: {kind}")
+        self._check_recipe()
+
+    def _distributed(self, module):
+        """``module`` under DDP on several processes (gradients reduced straight from the buckets), else itself."""
+        if self.world == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
+
+    def _check_recipe(self):
+        """Name a global batch other than the release's (4 GPUs x 256): TRAIN.LR is not rescaled for it."""
+        t = self.cfg.TRAIN
+        if self.world * t.BATCH_SIZE != RELEASE_GLOBAL_BATCH:
+            self.log.info(f"note: global batch {self.world} x {t.BATCH_SIZE} = {self.world * t.BATCH_SIZE} "
+                          f"images, the release trained with {RELEASE_GLOBAL_BATCH} (4 GPUs x 256); "
+                          f"TRAIN.LR {t.LR} is used as given")
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, epoch):
@@ -154,15 +173,26 @@ class Trainer:
         if not resume:
             return
         path = os.path.join(self.cfg.OUTPUT, LAST) if resume == "auto" else resume
-        if not os.path.isfile(path):
-            if resume == "auto":
-                return  # nothing to resume: a fresh run
-            raise UserError(f"TRAIN.RESUME: checkpoint not found: {path}")
-        state = load_checkpoint(path, map_location=self.device)
+
+        def read():  # rank 0's file decides for every rank: the others may not see its filesystem
+            if not os.path.isfile(path):
+                if resume == "auto":
+                    return None  # nothing to resume: a fresh run
+                raise UserError(f"TRAIN.RESUME: checkpoint not found: {path}")
+            return load_checkpoint(path)
+
+        state = dist.run_on_main(read)
+        if state is None:
+            return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        saved_amp = state.get("config", {}).get("TRAIN", {}).get("AMP", self.cfg.TRAIN.AMP)
+        if saved_amp != self.cfg.TRAIN.AMP:  # e.g. resumed on another kind of GPU under TRAIN.AMP auto
+            self.log.info(f"warning: {path} trained in TRAIN.AMP {saved_amp}; the run continues in "
+                          f"{self.cfg.TRAIN.AMP}")
+        if state["scaler"] and self.scaler.is_enabled():  # fp16 loss scale, carried from fp16 to fp16 only
+            self.scaler.load_state_dict(state["scaler"])
         if self.comp_loss is not None and "comp_loss" in state:
             self.comp_loss.load_state_dict(state["comp_loss"])
         torch.set_rng_state(state["rng"].cpu())
@@ -246,7 +276,7 @@ class Trainer:
                 bar.update(1)
         finally:
             bar.close()
-        means = {k: float(dist.all_reduce_mean(v / max(count, 1))) for k, v in sums.items()}
+        means = dist.mean_over_ranks({k: v / max(count, 1) for k, v in sums.items()})
         self._check_finite(means.get("total", 0.0), epoch, count - 1)
         return means
 

@@ -68,14 +68,15 @@ def run_evaluation(cfg):
     """
     if cfg.EVAL.DATASET_TYPE != "landmark":
         raise UserError(f"EVAL.DATASET_TYPE: only 'landmark' is implemented, got '{cfg.EVAL.DATASET_TYPE}'")
-    jobs = [(job, load_test_set(job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.GLDV2_SPLIT)) for job in evaluation_jobs(cfg)]
-    with_old = bool(cfg.OLD_MODEL.WEIGHTS)
-    if with_old:
-        check_same_embedding(cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
-        if cfg.EVAL.OLD_FEATURES_CACHE:
-            feature_cache.check_directory(cfg.EVAL.OLD_FEATURES_CACHE)
-    _, _, device = dist.init_distributed()
+    _, _, device = dist.init_distributed()  # first: rank 0 alone checks the test sets' images
     try:
+        jobs = [(job, load_test_set(job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.GLDV2_SPLIT))
+                for job in evaluation_jobs(cfg)]
+        with_old = bool(cfg.OLD_MODEL.WEIGHTS)
+        if with_old:
+            check_same_embedding(cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
+            if cfg.EVAL.OLD_FEATURES_CACHE:
+                feature_cache.check_directory(cfg.EVAL.OLD_FEATURES_CACHE)
         new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device)
         old = (load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
                if with_old else None)

@@ -15,6 +15,7 @@ from advbct.data.gldv2 import load_gldv2_test
 from advbct.data.image_list import ImageListDataset
 from advbct.data.revisited import load_revisited
 from advbct.data.transforms import eval_transform
+from advbct.data.workers import resolve_num_workers
 from advbct.errors import UserError, one_line
 from advbct.evaluation import feature_cache
 from advbct.evaluation.features import extract_features
@@ -41,8 +42,7 @@ class TestSet:
         return self.name in REVISITED
 
 
-def load_test_set(name, root, gldv2_split="private", check_images=True):
-    """Read a test set in its real format (see Dataset.md); ``check_images=False`` reads ground truth only."""
+def _read_test_set(name, root, gldv2_split, check_images):
     if name in REVISITED:
         ds = load_revisited(root, name, check_images=check_images)
         return TestSet(name, list(ds.query_paths), list(ds.gallery_paths), ds.gnd, ds.query_bbx)
@@ -50,6 +50,21 @@ def load_test_set(name, root, gldv2_split="private", check_images=True):
         ds = load_gldv2_test(root, split=gldv2_split, check_images=check_images)
         return TestSet(name, ds.query_paths.tolist(), ds.gallery_paths.tolist(), ds.gt)
     raise UserError(f"EVAL.DATASET: unknown test set '{name}' (expected one of {', '.join(DATASETS)})")
+
+
+def load_test_set(name, root, gldv2_split="private", check_images=True):
+    """Read a test set in its real format (see Dataset.md); ``check_images=False`` reads ground truth only.
+
+    With several ranks, rank 0 reads and checks first (the existence of every image: 762k on GLDv2), its
+    error raised on every rank; the others then read the ground truth without checking again.
+    """
+    checked = {}
+
+    def read_on_main():
+        checked["set"] = _read_test_set(name, root, gldv2_split, check_images)
+
+    dist.run_on_main(read_on_main)
+    return checked.get("set") or _read_test_set(name, root, gldv2_split, check_images=False)
 
 
 def image_datasets(test_set, img_size, crop_query=False):
@@ -123,53 +138,74 @@ def _numpy(x):
 
 
 def embed_test_set(model, test_set, cfg, progress=True, tag="model"):
-    """Query and gallery features of ``model`` (sharded over ranks, gathered)."""
+    """Query and gallery features of ``model`` (sharded over ranks, gathered on rank 0), as numpy arrays
+    on rank 0 and ``(None, None)`` on the other ranks."""
     q_ds, g_ds = image_datasets(test_set, cfg.EVAL.IMG_SIZE, cfg.EVAL.CROP_QUERY)
-    kw = dict(batch_size=cfg.EVAL.BATCH_SIZE, num_workers=cfg.EVAL.NUM_WORKERS, amp=cfg.EVAL.AMP,
+    kw = dict(batch_size=cfg.EVAL.BATCH_SIZE, num_workers=resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS"),
+              amp=cfg.EVAL.AMP,
               progress=progress)
     q = extract_features(model, q_ds, desc=f"{tag} queries", **kw)
     g = extract_features(model, g_ds, desc=f"{tag} gallery", **kw)
-    return q.numpy(), g.numpy()
+    return (None, None) if q is None else (q.numpy(), g.numpy())
 
 
 def embed_old_test_set(old_model, test_set, cfg, progress=True):
-    """The old model's features, read from / written to EVAL.OLD_FEATURES_CACHE when it is set (every rank
-    reads a hit; the main rank writes a miss). Without a checkpoint path there is nothing to key on."""
+    """The old model's features (rank 0; ``(None, None)`` elsewhere), read from / written to
+    EVAL.OLD_FEATURES_CACHE when it is set: rank 0 reads the entry and tells the others whether to embed.
+    Without a checkpoint path there is nothing to key on."""
     directory, weights = cfg.EVAL.OLD_FEATURES_CACHE, cfg.OLD_MODEL.WEIGHTS
     if not (directory and weights):
         return embed_test_set(old_model, test_set, cfg, progress, "old")
-    key = feature_cache.cache_key(weights, cfg.OLD_MODEL.ARCH, test_set, cfg.EVAL.IMG_SIZE,
-                                  cfg.EVAL.CROP_QUERY, cfg.EVAL.AMP)
-    hit = feature_cache.load(directory, test_set.name, key)
-    if hit is not None:
-        check_features(test_set, *hit, source=feature_cache.cache_path(directory, test_set.name, key))
-        return hit
+    found = {}  # rank 0's key and entry
+
+    def lookup():
+        found["key"] = key = feature_cache.cache_key(weights, cfg.OLD_MODEL.ARCH, test_set, cfg.EVAL.IMG_SIZE,
+                                                     cfg.EVAL.CROP_QUERY, cfg.EVAL.AMP)
+        found["hit"] = hit = feature_cache.load(directory, test_set.name, key)
+        if hit is not None:
+            check_features(test_set, *hit, source=feature_cache.cache_path(directory, test_set.name, key))
+        return hit is not None
+
+    if dist.run_on_main(lookup):  # every rank learns whether to embed
+        return found.get("hit", (None, None))
     old_q, old_g = embed_test_set(old_model, test_set, cfg, progress, "old")
     if dist.is_main_process():
         try:
-            feature_cache.save(directory, test_set.name, key, old_q, old_g)
+            feature_cache.save(directory, test_set.name, found["key"], old_q, old_g)
         except OSError as exc:  # e.g. disk full: the evaluation itself is not lost
             print(f"warning: EVAL.OLD_FEATURES_CACHE: could not write an entry in {directory} "
                   f"({one_line(str(exc))}); the old model's features will be embedded again next time")
     return old_q, old_g
 
 
-def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
-    """Self-test of ``new_model`` and, with ``old_model``, cross-test, old self-test and backfilling."""
-    test_set = test_set or load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
-    if old_model is not None and old_model.embed_dim != new_model.embed_dim:
-        raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "
-                        f"{new_model.embed_dim}: cross-test needs the same embedding size")
-    new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
+def score_models(test_set, cfg, new_q, new_g, old_q=None, old_g=None):
+    """The result dict of one test set from its features: self-test, and with the old model's features
+    cross-test, old self-test and (EVAL.BACKFILL) the backfilling curve."""
     result = {"dataset": test_set.name, "self_test": score(test_set, new_q, new_g)}
-    if old_model is not None:
-        old_q, old_g = embed_old_test_set(old_model, test_set, cfg, progress)
+    if old_g is not None:
         result["cross_test"] = score(test_set, new_q, old_g)
         result["old_self_test"] = score(test_set, old_q, old_g)
         if cfg.EVAL.BACKFILL:
             result["backfill"] = backfill_curve(test_set, new_q, new_g, old_g, cfg.EVAL.BACKFILL_RATIOS,
                                                 cfg.EVAL.BACKFILL_SEED)
     return result
+
+
+def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
+    """Self-test of ``new_model`` and, with ``old_model``, cross-test, old self-test and backfilling.
+
+    Every rank embeds its shard; rank 0 alone holds the features and searches; every rank returns its
+    result (a rank 0 error is raised on every rank).
+    """
+    test_set = test_set or load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
+    if old_model is not None and old_model.embed_dim != new_model.embed_dim:
+        raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "
+                        f"{new_model.embed_dim}: cross-test needs the same embedding size")
+    new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
+    old_q = old_g = None
+    if old_model is not None:
+        old_q, old_g = embed_old_test_set(old_model, test_set, cfg, progress)
+    return dist.run_on_main(score_models, test_set, cfg, new_q, new_g, old_q, old_g)
 
 
 def headline(result):

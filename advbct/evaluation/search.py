@@ -53,6 +53,15 @@ def faiss_gpu_available():
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def faiss_gpu_id():
+    """The faiss device id of this process's GPU: torch's current device (the rank's GPU, set when the
+    process group starts), numbered as faiss numbers them (both count the visible devices). Not 0: on a
+    node of 8 ranks, 0 would put every rank's gallery on the first GPU."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
 def _build_index(gallery, use_gpu, k, chunk_size):
     """An exact inner-product index over the L2-normalised ``gallery``; on a GPU when asked/available
     and k allows it. Rows are normalised and added chunk by chunk so no full normalised copy is made."""
@@ -73,7 +82,7 @@ def _build_index(gallery, use_gpu, k, chunk_size):
         index.add(l2_normalize(gallery[start:start + chunk_size]))
     if want_gpu and k <= GPU_MAX_K:
         resources = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
+        gpu_index = faiss.index_cpu_to_gpu(resources, faiss_gpu_id(), index)
         del index
         return gpu_index, resources  # keep the resources alive as long as the index
     return index, None

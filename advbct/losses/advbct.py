@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from advbct.errors import UserError
 from advbct.losses.adversarial import AdversarialLoss, adversarial_weight, check_schedule
 from advbct.losses.base import CompatibilityLoss
@@ -16,7 +14,8 @@ class AdvBCTLoss(CompatibilityLoss):
 
     Owns learnable parameters (the elastic w_k and the discriminator): the trainer must optimise
     them together with the new model. Diagnostics: boundary, adversarial, violation_rate, disc_acc,
-    alpha and adv_weight (the last two are CPU scalars: they are Python numbers of the schedule).
+    alpha and adv_weight, every one a scalar on the features' device (the trainer reduces them over ranks
+    with NCCL, which refuses CPU tensors).
     """
 
     def __init__(self, *, embed_dim: int, num_old_classes: int, total_epochs: int, meta: ClassMeta | None = None,
@@ -47,5 +46,5 @@ class AdvBCTLoss(CompatibilityLoss):
             adv, diag, alpha = self.adversarial(feat_new, feat_old, progress)
             w = adversarial_weight(epoch, self.total_epochs, self.schedule)
             term = term + w * adv
-            diagnostics.update(adversarial=adv, alpha=torch.tensor(alpha), adv_weight=torch.tensor(w), **diag)
+            diagnostics.update(adversarial=adv, alpha=feat_new.new_tensor(alpha), adv_weight=feat_new.new_tensor(w), **diag)
         return term, diagnostics

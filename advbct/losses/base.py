@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -33,7 +35,10 @@ class CompatibilityLoss(nn.Module):
 
     def forward(self, feat_new, feat_old, labels, *, new_classifier_weight=None, progress: float,
                 epoch: int) -> dict:
-        with torch.autocast(device_type=feat_new.device.type, enabled=False):
+        device_type = feat_new.device.type
+        no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                       if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+        with no_autocast:
             if new_classifier_weight is not None:
                 new_classifier_weight = new_classifier_weight.float()
             term, diagnostics = self.compute(

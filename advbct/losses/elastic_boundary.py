@@ -33,7 +33,7 @@ class ElasticBoundaryLoss(nn.Module):
         self.threshold = float(threshold)
         self.elastic = bool(elastic)
         self.fixed_radius = fixed_radius
-        self.compact = None  # None: compact the rows on CPU, mask on GPU (see old_rows); True/False force it
+        self.compact_rows = None  # None: compact the rows on CPU, mask on GPU (see old_rows); True/False force it
         self.register_buffer("centers", meta.centers[:n].float().clone(), persistent=False)
         base = meta.r_max if (elastic or fixed_radius == "max") else meta.r_min
         # per class (base radius, T − base radius): one gather per batch gives both
@@ -55,7 +55,7 @@ class ElasticBoundaryLoss(nn.Module):
         is_old, idx = old_class_index(labels, self.num_old_classes)
         valid = is_old & self.valid_class[idx]
         # CPU: keep only the valid rows (~30 % of a class-split batch); GPU: mask (no host sync)
-        rows = old_rows(valid, self.compact)
+        rows = old_rows(valid, self.compact_rows)
         if rows is not None:
             feat_new, idx = feat_new[rows], idx[rows]
         dist = torch.linalg.vector_norm(F.normalize(feat_new, dim=1) - self.centers[idx], dim=1)
