@@ -39,6 +39,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank_device(local_rank: int) -> torch.device:
+    """This rank's GPU: ``cuda:<local rank>`` when the process sees the node's GPUs, ``cuda:0`` when it sees
+    only its own (``srun --gpus-per-task=1``, or CUDA_VISIBLE_DEVICES set per rank)."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30):
     """Initialise from torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (an ``srun`` task's ``SLURM_*``
     become those first: :mod:`advbct.world`); return ``(rank, world, device)``.
@@ -48,8 +54,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30):
     """
     os.environ.update(run_environment.process_env(os.environ))
     use_cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = rank_device(int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", 1))

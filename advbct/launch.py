@@ -2,8 +2,9 @@
 
 Rank 0 writes to the console (passed through unchanged, watched for an "error: " line); the stderr of the other ranks goes to files under LOG_DIR
 (argv[1]) and is shown only when such a rank fails and the console has no error yet; torchrun's own
-traceback is replaced by one line per crashed rank; the exit status is the failed rank's (2 = user
-error, 3 = non-finite loss), not torchrun's 1.
+traceback is replaced by one line per crashed rank (named by its global rank); the exit status is the
+failed rank's (2 = user error, 3 = non-finite loss), not torchrun's 1. On several nodes each node runs
+this with its own LOG_DIR, where torchrun names the files by local rank.
 
     python -m advbct.launch LOG_DIR [torchrun arguments...]
 """
@@ -17,9 +18,9 @@ import sys
 import threading
 
 
-def _stderr_of(log_dir, rank):
-    """Last stderr.log torchrun wrote for ``rank`` under ``log_dir``, as lines."""
-    files = glob.glob(os.path.join(log_dir, "*", "attempt_*", str(rank), "stderr.log"))
+def _stderr_of(log_dir, local_rank):
+    """Last stderr.log torchrun wrote for ``local_rank`` (this node's numbering) under ``log_dir``, as lines."""
+    files = glob.glob(os.path.join(log_dir, "*", "attempt_*", str(local_rank), "stderr.log"))
     return open(max(files, key=os.path.getmtime), errors="replace").read().splitlines() if files else []
 
 
@@ -34,7 +35,8 @@ def _pump(read_fd, console, shown):
 
 
 def run_torchrun(log_dir, args):
-    """Run torchrun with ``args``; return ``{rank: exit code}`` of the failed ranks and whether an error line was shown."""
+    """Run torchrun with ``args``; return the failed ranks as ``{global rank: (local rank, exit code)}``
+    and whether an error line was shown."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
@@ -46,38 +48,39 @@ def run_torchrun(log_dir, args):
     shown = []
     thread = threading.Thread(target=_pump, args=(r, console, shown), daemon=True)
     thread.start()
-    codes = {}
+    failed = {}
     try:
         torchrun(["--log-dir", log_dir] + args)
     except ChildFailedError as exc:
-        codes = {rank: f.exitcode for rank, f in exc.failures.items()}
+        failed = {rank: (f.local_rank, f.exitcode) for rank, f in exc.failures.items()}
     except (KeyboardInterrupt, SignalException):  # Ctrl-C / kill: torchrun has stopped the ranks
-        codes = {0: 130}
+        failed = {0: (0, 130)}
     finally:
         sys.stderr.flush()
         os.dup2(console, 2)  # closes the pipe: the pump ends once the ranks are gone
         thread.join(timeout=10)
-    return codes, shown
+    return failed, shown
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     log_dir, args = argv[0], argv[1:]
-    codes, shown = run_torchrun(log_dir, args)
-    if codes == {0: 130}:
+    failed, shown = run_torchrun(log_dir, args)
+    codes = {rank: code for rank, (_, code) in failed.items()}
+    if failed == {0: (0, 130)}:
         print("interrupted", file=sys.stderr)
         return 130
     user = [rank for rank in sorted(codes) if codes[rank] in (2, 3)]  # the tool printed one "error:" line
     for rank in sorted(codes):
-        code = codes[rank]
+        code, stderr = codes[rank], _stderr_of(log_dir, failed[rank][0])  # none for a rank on the console
         if code in (2, 3):
-            message = [l for l in _stderr_of(log_dir, rank) if l.startswith("error: ")][-1:] if rank > 0 else []
+            message = [l for l in stderr if l.startswith("error: ")][-1:]
             if message and not shown:
                 print(message[0], file=sys.stderr)
                 shown.append(True)
         elif not (code < 0 and max(codes.values()) > 0):  # ranks torchrun stopped after a failure: silent
-            if rank > 0:
-                print("\n".join(_stderr_of(log_dir, rank)[-20:]), file=sys.stderr)
+            if stderr:
+                print("\n".join(stderr[-20:]), file=sys.stderr)
             why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             print(f"error: rank {rank} failed ({why})", file=sys.stderr)
     return codes[user[0]] if user else max(list(codes.values()) + [1]) if codes else 0

@@ -36,6 +36,13 @@ def test_group_device_follows_the_backend(monkeypatch):
     assert dist.group_device() == torch.device("cpu")
 
 
+@pytest.mark.parametrize("local_rank, visible, want", [(5, 8, 5), (0, 8, 0), (5, 1, 0), (3, 2, 1)])
+def test_rank_device_is_the_ranks_own_gpu(monkeypatch, local_rank, visible, want):
+    """All of the node's GPUs visible: the local rank's; one GPU per task (srun --gpus-per-task=1): that one."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert dist.rank_device(local_rank) == torch.device("cuda", want)
+
+
 def _meta(classes, dim, gen):
     return ClassMeta(centers=0.5 * F.normalize(torch.randn(classes, dim, generator=gen), dim=1),
                      r_max=torch.full((classes,), 0.8), r_min=torch.full((classes,), 0.2),
