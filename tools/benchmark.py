@@ -1,6 +1,7 @@
 """Benchmarks whose figures go into docs/BENCHMARKS.md (never timed assertions in tests).
 
     python tools/benchmark.py {metrics,search,extraction,losses,training} [options] [--json OUT.json]
+    torchrun --standalone --nproc_per_node=N tools/benchmark.py collectives [options] [--json OUT.json]
 """
 
 import argparse
@@ -13,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmarks/ as a package
 
-SUITES = ("metrics", "search", "extraction", "losses", "training")
+SUITES = ("metrics", "search", "extraction", "losses", "training", "collectives")
 
 
 def machine():
@@ -35,6 +36,8 @@ def main(argv=None):
         p.set_defaults(module=module)
     args = parser.parse_args(argv)
     result = args.module.run(args)
+    if result is None:  # a rank other than 0 of a multi-process suite: rank 0 reports
+        return
     print(json.dumps({"machine": machine(), args.suite: result}, indent=1))
     if args.json:
         with open(args.json + ".tmp", "w") as f:

@@ -46,9 +46,19 @@ def _all_finite(arr, block=65536):
     return all(np.isfinite(arr[start:start + block]).all() for start in range(0, arr.shape[0], block))
 
 
+def _import_faiss():
+    """The ``faiss`` module; without it one line naming the two ways to install it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise UserError(f"faiss is not installed ({exc}): pip install -e .[cpu] (faiss-cpu), or on a machine "
+                        f"with NVIDIA GPUs pip install -e .[gpu] (faiss-gpu-cu12); never both") from None
+    return faiss
+
+
 def faiss_gpu_available():
     """True when the installed faiss has GPU support and sees at least one GPU."""
-    import faiss
+    faiss = _import_faiss()
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -65,7 +75,7 @@ def faiss_gpu_id():
 def _build_index(gallery, use_gpu, k, chunk_size):
     """An exact inner-product index over the L2-normalised ``gallery``; on a GPU when asked/available
     and k allows it. Rows are normalised and added chunk by chunk so no full normalised copy is made."""
-    import faiss
+    faiss = _import_faiss()
 
     if use_gpu == "auto":
         want_gpu = faiss_gpu_available()

@@ -6,6 +6,9 @@ have the paper's heads (256-d embedding, 81,313 new classes, 24,393 old ones as 
 the AdvBCT loss a random old-class meta. On CPU: ResNet-18 at 64 px, batch 64, fp32 (``--cpu-amp bf16``,
 ``--channels-last`` and ``--cpu-arch resnet50`` measure the synthetic R50 blocks' setting). With CUDA:
 ResNet-18 and ResNet-50 at 224 px, batch 256, AMP bf16 and fp32 (else reported as unmeasured).
+Beside both steps it times the frozen old model's forward alone (``embed`` under no_grad, as AdvBCT's step
+runs it), so that ``advbct_overhead`` = (AdvBCT step - plain step - old forward) / plain step is what the
+AdvBCT losses and their backward add to plain training (the GPU check's target: < 5 %).
 ``--compile`` runs the new model through ``torch.compile`` (the trainer does not: on the 2-core AMD EPYC it
 gained nothing, docs/BENCHMARKS.md); its first step, compilation included, is reported as ``first_step_s``.
 
@@ -103,10 +106,41 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
     return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1), "first_step_s": round(times[0], 2)}
 
 
+def time_old_forward(args, arch, device, size, batch, amp, gen):
+    """Median time (ms) of the frozen old model's forward alone, as ``Trainer._step`` runs it for AdvBCT
+    (``old_model.embed(images)`` under no_grad, in the step's autocast and memory format)."""
+    fmt = memory_format(args.channels_last)
+    old_model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.old_classes)
+    old_model.to(device, memory_format=fmt).eval().requires_grad_(False)
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=fmt)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast_context(amp, device):
+            feat = old_model.embed(images).float()
+        float(feat[0, 0])  # waits for the forward
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    ms = statistics.median(times[args.warmup:]) * 1000.0
+    return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1)}
+
+
+def advbct_overhead(plain_ms: float, advbct_ms: float, old_forward_ms: float) -> float:
+    """What AdvBCT adds to a plain step besides the old model's forward, as a fraction of the plain step:
+    (AdvBCT step - plain step - old forward) / plain step."""
+    return (advbct_ms - plain_ms - old_forward_ms) / plain_ms
+
+
 def compare(args, arch, device, size, batch, amp, gen):
     plain = time_steps(args, arch, device, size, batch, amp, False, gen)
     adv = time_steps(args, arch, device, size, batch, amp, True, gen)
-    return {"plain": plain, "advbct": adv, "advbct_time_ratio": round(adv["step_ms"] / plain["step_ms"], 3)}
+    old = time_old_forward(args, arch, device, size, batch, amp, gen)
+    return {"plain": plain, "advbct": adv, "advbct_time_ratio": round(adv["step_ms"] / plain["step_ms"], 3),
+            "old_forward": old,
+            "advbct_overhead": round(advbct_overhead(plain["step_ms"], adv["step_ms"], old["step_ms"]), 4)}
 
 
 def run(args) -> dict:
@@ -132,7 +166,10 @@ def run(args) -> dict:
     else:
         device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True
-        cuda = {"device": torch.cuda.get_device_name(device), "img_size": args.gpu_size, "batch": args.gpu_batch}
+        cuda = {"device": torch.cuda.get_device_name(device), "img_size": args.gpu_size, "batch": args.gpu_batch,
+                # fp32 rows run with torch's defaults, as the trainer: cuDNN may use TF32, matmuls do not
+                "tf32": {"cudnn": bool(torch.backends.cudnn.allow_tf32),
+                         "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}}
         for arch in [a.strip() for a in args.gpu_archs.split(",") if a.strip()]:
             cuda[arch] = {("fp32" if amp == "none" else amp): compare(args, arch, device, args.gpu_size,
                                                                       args.gpu_batch, amp, gen)
