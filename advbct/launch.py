@@ -41,6 +41,7 @@ def run_torchrun(log_dir, args):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    disabled = logging.root.manager.disable
     logging.disable(logging.ERROR)  # torchrun logs every failure at ERROR level; reported below instead
     console, (r, w) = os.dup(2), os.pipe()
     os.dup2(w, 2)  # the ranks inherit this pipe as their stderr
@@ -59,6 +60,7 @@ def run_torchrun(log_dir, args):
         sys.stderr.flush()
         os.dup2(console, 2)  # closes the pipe: the pump ends once the ranks are gone
         thread.join(timeout=10)
+        logging.disable(disabled)  # the caller's logging as it was (the launcher may run in a larger process)
     return failed, shown
 
 

@@ -1,5 +1,6 @@
 """Small helpers shared by the test modules (not fixtures)."""
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -28,3 +29,10 @@ def run_pipeline_lib(snippet, cwd, **kwargs):
     """Run ``snippet`` in bash (strict mode) after sourcing the scripts' launch.sh and pipeline.sh."""
     script = f"set -euo pipefail; source {SCRIPTS_LIB}/launch.sh; source {SCRIPTS_LIB}/pipeline.sh; {snippet}"
     return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, **kwargs)
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a test's process group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

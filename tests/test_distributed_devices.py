@@ -9,7 +9,6 @@ rank>`` under NCCL. Every helper must then hand correct results back, whatever d
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from advbct import distributed as dist
 from advbct.errors import UserError
 from advbct.losses import LOSSES, build_compat_loss
 from advbct.meta import ClassMeta
+from helpers import free_port
 
 WORLD = 2
 COLLECTIVES = ("all_reduce", "all_gather", "gather", "broadcast")
@@ -120,11 +120,6 @@ def install_nccl_rule(device, log):
         setattr(tdist, name, getattr(tdist.distributed_c10d, name))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _fails_on_main(x):
     raise UserError(f"bad input {x}")
@@ -174,7 +169,7 @@ def _worker(rank, port, out_dir):
 
 @pytest.mark.skipif(not tdist.is_gloo_available(), reason="torch.distributed without gloo")
 def test_helpers_obey_the_nccl_device_rule(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
     for r in (r0, r1):
         assert r["raw_cpu_refused"] is True

@@ -1,7 +1,6 @@
 """Feature extraction sharded over 2 gloo processes equals single-process extraction, in dataset order, on rank 0."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from advbct.data.transforms import eval_transform
 from advbct.evaluation.features import extract_features, shard_bounds
 from advbct.evaluation.protocol import load_test_set
 from advbct.models import build_model
+from helpers import free_port
 
 WORLD, N_IMAGES, IMG, BATCH = 2, 13, 32, 4  # 13 images: shards of 7 and 6, several batches each
 
@@ -51,11 +51,6 @@ def _worker(rank, port, root, out_dir):
         cleanup()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_shard_bounds_cover_dataset_in_order():
     for n in (0, 1, 13, 16):
@@ -70,7 +65,7 @@ def test_shard_bounds_cover_dataset_in_order():
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_process_extraction_equals_single_process(tiny_synthetic, tmp_path):
     root = str(tiny_synthetic / "ROxfordParis")
-    mp.spawn(_worker, args=(_free_port(), root, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), root, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     model = make_model()

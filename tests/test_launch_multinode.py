@@ -4,15 +4,15 @@ on this machine (torchrun static rendezvous, and srun-style tasks without torchr
 one process with the doubled batch."""
 
 import json
+import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import SCRIPTS_LIB
+from helpers import SCRIPTS_LIB, free_port
 from test_train_ddp import (BATCH, WORLD, assert_states_close, base_overrides, load_last, momentum_buffers,
                             run_one_process, setup)  # noqa: F401  (setup is a fixture)
 
@@ -194,6 +194,8 @@ def test_failed_rank_on_node1_reports_its_local_log(monkeypatch, capfd, node1_lo
     fake_torchrun(monkeypatch, {3: (1, 2)})
     assert main([str(node1_logs), "--nnodes=2", "--node_rank=1", "train.py"]) == 2
     assert capfd.readouterr().err == "error: from local rank 1\n"
+    # torchrun's failure logging is silenced while it runs, not for the rest of the calling process
+    assert logging.root.manager.disable == logging.NOTSET
 
 
 def test_crashed_rank_on_node1_is_named_by_global_rank(monkeypatch, capfd, node1_logs):
@@ -205,12 +207,6 @@ def test_crashed_rank_on_node1_is_named_by_global_rank(monkeypatch, capfd, node1
 
 
 # ------------------------------------------------------------------------------------------- end to end
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_together(commands, envs):
     """Start every command at once (they meet in one process group), wait, require success of all."""
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,6 @@ every shard, the gradients all ranks computed for it. Hence with W ranks of equa
 so after DDP averages parameter gradients over ranks the update is the single-process one.
 """
 
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from advbct.losses import build_compat_loss
+from helpers import free_port
 
 WORLD, B_LOCAL, D = 2, 6, 8
 
@@ -48,15 +48,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_hot_refresh_two_ranks_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     feat_new, feat_old, labels = global_batch()
     for topk in (0, 3):

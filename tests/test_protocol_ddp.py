@@ -5,7 +5,6 @@ searches; both ranks return rank 0's result.
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 
 from advbct.config import load_config
 from advbct.models import build_model
+from helpers import free_port
 
 WORLD, IMG = 2, 32
 
@@ -68,16 +68,11 @@ def _worker(rank, port, root, out_dir):
         cleanup()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not tdist.is_gloo_available(), reason="torch.distributed without gloo")
 def test_two_ranks_evaluate_once_and_agree_with_one(tiny_synthetic, tmp_path):
     root = tiny_synthetic / "ROxfordParis"
-    mp.spawn(_worker, args=(_free_port(), str(root), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(root), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     counts = {"searches": 0, "checked_images": 0}
     single = _evaluate(root, counts)

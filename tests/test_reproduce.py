@@ -154,13 +154,13 @@ def test_demo_refuses_an_output_dir_of_another_benchmark(tiny_synthetic, tmp_pat
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
-    (venv / ".advbct-installed").touch()
+    (venv / ".advbct-installed").write_text("cpu cpu\n")  # installed with the faiss-cpu extra, as wanted
     out = tmp_path / "output" / "demo"
     (out / "old").mkdir(parents=True)
     (out / "old" / "final.pth").write_text("weights")
     (out / "BENCHMARK.sha256").write_text("f" * 64 + "  other/SYNTHETIC.json\n")
-    env = {**os.environ, "PYTHON": sys.executable, "ADVBCT_VENV": str(venv), "DATA": str(tiny_synthetic),
-           "PRESET": "tiny"}
+    env = {**os.environ, "PYTHON": sys.executable, "ADVBCT_VENV": str(venv), "ADVBCT_FAISS": "cpu",
+           "DATA": str(tiny_synthetic), "PRESET": "tiny"}
     proc = subprocess.run(["bash", str(scripts / "demo.sh")], cwd=tmp_path, capture_output=True, text=True,
                           env=env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1

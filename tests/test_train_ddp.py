@@ -12,7 +12,6 @@ module (elastic radii + discriminator with its own BN) runs under DDP.
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from advbct.config import load_config
 from advbct.engine.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
 from advbct.models import build_model, save_checkpoint
-from helpers import write_image_list
+from helpers import free_port, write_image_list
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD, BATCH, CLASSES, PER_CLASS, EMB = 2, 8, 4, 8, 32
@@ -198,16 +197,11 @@ def _affine_bn(bn):
     return bn
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_all_reduce_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
     """Two ranks holding 2 and 4 samples: outputs, input and parameter gradients (summed over ranks, as
     DDP's all-reduce does before averaging) and running statistics equal BatchNorm2d on all 6."""
-    mp.spawn(_bn_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     x, w_out = _bn_inputs()
     for i, momentum in enumerate(MOMENTA):
@@ -274,7 +268,7 @@ def test_resume_comes_from_rank_0_on_every_rank(setup, tmp_path):
     (tmp_path / "other").mkdir()
     outputs = [str(tmp_path / "first"), str(tmp_path / "other")]
     extended = [*overrides, "TRAIN.EPOCHS", "2"]  # one epoch left to train
-    mp.spawn(_resume_worker, args=(_free_port(), outputs, extended), nprocs=WORLD, join=True)
+    mp.spawn(_resume_worker, args=(free_port(), outputs, extended), nprocs=WORLD, join=True)
     for out in outputs:
         resumed = torch.load(os.path.join(out, "resumed.pt"), weights_only=True)
         assert resumed["start_epoch"] == saved["epoch"] == 1
@@ -323,7 +317,7 @@ def test_loss_module_ddp_survives_a_batch_without_old_classes(tmp_path):
     """The AdvBCT module under DDP without find_unused_parameters: a step where one rank has no old-class
     sample still reduces every parameter (zero gradient for the elastic weights), and the ranks' parameters
     stay equal (BatchNorm statistics are per rank here: no SyncBN in this module-only check)."""
-    mp.spawn(_loss_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_loss_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     assert r0.keys() == r1.keys() and "boundary.elastic_weight" in r0
     for key in r0:
