@@ -163,15 +163,6 @@ def gather_to_main(tensor: torch.Tensor):
     return _gather_padded(tensor, dst=0)
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (for logging), on ``tensor``'s device; identity on one process."""
-    if not is_distributed():
-        return tensor
-    out = tensor.detach().to(group_device(), copy=True)
-    dist.all_reduce(out)
-    return (out / get_world_size()).to(tensor.device)
-
-
 def mean_over_ranks(values: dict) -> dict:
     """``{name: scalar tensor or number}`` -> ``{name: float}``, each the mean over ranks; one all-reduce
     for all names (values may sit on any device: they are stacked on the group's device)."""

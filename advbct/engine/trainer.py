@@ -29,8 +29,8 @@ from advbct.errors import NonFiniteLossError, UserError
 from advbct.models import load_checkpoint, save_checkpoint
 
 LAST = "last.pth"
-RELEASE_GLOBAL_BATCH = 4 * 256  # the release's recipe: 4 GPUs x 256 images
 FINAL = "final.pth"
+RELEASE_GLOBAL_BATCH = 4 * 256  # the release's recipe: 4 GPUs x 256 images
 
 
 def seed_everything(seed):

@@ -141,9 +141,8 @@ def embed_test_set(model, test_set, cfg, progress=True, tag="model"):
     """Query and gallery features of ``model`` (sharded over ranks, gathered on rank 0), as numpy arrays
     on rank 0 and ``(None, None)`` on the other ranks."""
     q_ds, g_ds = image_datasets(test_set, cfg.EVAL.IMG_SIZE, cfg.EVAL.CROP_QUERY)
-    kw = dict(batch_size=cfg.EVAL.BATCH_SIZE, num_workers=resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS"),
-              amp=cfg.EVAL.AMP,
-              progress=progress)
+    workers = resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS")
+    kw = dict(batch_size=cfg.EVAL.BATCH_SIZE, num_workers=workers, amp=cfg.EVAL.AMP, progress=progress)
     q = extract_features(model, q_ds, desc=f"{tag} queries", **kw)
     g = extract_features(model, g_ds, desc=f"{tag} gallery", **kw)
     return (None, None) if q is None else (q.numpy(), g.numpy())

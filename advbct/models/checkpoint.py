@@ -162,8 +162,7 @@ _STAND_INS = [
 
 def _stand_in_globals():
     """Context allowlisting the stand-ins (torch >= 2.6: safe_globals with (object, name) pairs)."""
-    safe = getattr(torch.serialization, "safe_globals", None)
-    return safe(_STAND_INS) if safe is not None else contextlib.nullcontext()
+    return torch.serialization.safe_globals(_STAND_INS)
 
 
 def _to_plain(obj):
