@@ -112,9 +112,9 @@ def test_repo_configs_are_valid():
                     # base.yml: every synthetic model trains in NHWC, in bf16 where the CPU computes it natively
                     # (an R18 block within 30 minutes) and in fp32 elsewhere
                     assert (cfg.TRAIN.AMP, cfg.TRAIN.CHANNELS_LAST) == ("auto", True)
-                    # every block model 3 epochs (R50s: 3 of 12,051 images beat 5 of 6,010, session 12)
+                    # every block model 3 epochs (R50s: 3 of 12,051 images beat 5 of 6,010, 2026-12-03)
                     assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.LR_STEPS) == (3, [2])
-                    # the R50s fine-tune harder (session 8 probes); the old R18 and R18 rows as the paper
+                    # the R50s fine-tune harder (tuning runs of 2026-12-02); the old R18 and R18 rows as the paper
                     assert (cfg.TRAIN.LR, cfg.TRAIN.WEIGHT_DECAY) == ((0.2, 1e-3) if r50 else (0.1, 5e-4))
                 else:
                     assert cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
@@ -162,8 +162,8 @@ def test_compatibility_weights_paper_on_real_data_one_tuned_set_per_backbone_on_
 def test_small_preset_leaves_the_old_model_at_least_emb_dim_classes():
     """The small preset's class allocation gives the old model at least as many classes as the synthetic
     configs' embedding has dimensions: 60 old classes against 256 did not carry compatibility over to
-    unseen landmarks (docs/REPRODUCTION.md, session 4); 300 did for new ResNet-18s, not for new ResNet-50s
-    (session 12), hence 600."""
+    unseen landmarks (docs/REPRODUCTION.md, 2026-11-26); 300 did for new ResNet-18s, not for new ResNet-50s
+    (2026-12-03), hence 600."""
     small = PRESETS["small"]
     old_classes = int(split_by_class(np.arange(small.train_classes), 0.3)[0].sum())
     base = pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "base.yml"

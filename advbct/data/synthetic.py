@@ -69,11 +69,11 @@ PRESETS = {
     "small": Preset(
         # many small classes, like GLDv2's long tail (81 k classes): with 300 old classes the
         # old classifier pins the embedding space down well enough for compatibility to carry over to
-        # unseen landmarks; 60 old classes of 12-18 images did not (docs/REPRODUCTION.md, session 4).
+        # unseen landmarks; 60 old classes of 12-18 images did not (docs/REPRODUCTION.md, 2026-11-26).
         # 5-7 images per class (trained 3 epochs) rather than 2-4 (6 epochs) make the data matter:
-        # phi* gains 6-11 points over the old model. 70 revisited queries, as the real sets (session 5).
+        # phi* gains 6-11 points over the old model. 70 revisited queries, as the real sets (2026-12-02).
         # 2,000 landmarks (600 old, ~12k images) rather than 1,000: a new ResNet-50 learns the map into the
-        # old ResNet-18's space well enough for unseen landmarks only from that many (session 12)
+        # old ResNet-18's space well enough for unseen landmarks only from that many (2026-12-03)
         image_size=64, train_classes=2000, train_images=(5, 7), train_noise=0.05, dropped_classes=5,
         rev_landmarks=14, rev_queries=5, rev_easy=20, rev_hard=15, rev_junk=10, rev_distractors=150,
         gld_landmarks=50, gld_queries=2, gld_index=(10, 14), gld_distractors=900, gld_ignored=20,

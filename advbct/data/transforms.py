@@ -2,7 +2,7 @@
 
 No augmentation and no aspect-preserving resize (PAPER.md, "Model (code)"); training and evaluation
 use the same pipeline. ``DATA.AUGMENT`` adds an optional training augmentation (not in the paper; it
-lowered every test of the synthetic R50 blocks, docs/REPRODUCTION.md session 9).
+lowered every test of the synthetic R50 blocks, docs/REPRODUCTION.md, 2026-12-02).
 """
 
 from torchvision import transforms as T
