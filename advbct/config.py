@@ -19,9 +19,12 @@ DEFAULTS = {
     "SEED": (1234, "global random seed (the original code uses 1234)"),
     "OUTPUT": ("./output/run", "directory for checkpoints, logs, resolved config and results"),
     "MODEL": {
-        "ARCH": ("resnet18", "torchvision backbone of the model being trained/evaluated"),
+        "ARCH": ("resnet18", "backbone of the model being trained/evaluated: a torchvision name (resnet50) or "
+                 "timm:<name>[.<pretrained tag>] (timm:resnet50.a1_in1k, timm:convnext_tiny; pip install timm)"),
         "EMB_DIM": (256, "embedding size (Linear no bias -> BatchNorm1d head)"),
-        "PRETRAINED": (True, "start from ImageNet weights (local file or torch hub cache; never downloaded)"),
+        "PRETRAINED": (True, "start from ImageNet weights: torchvision archs from a local file or the torch hub "
+                       "cache (never downloaded); timm: archs timm's own way (Hugging Face cache, downloaded "
+                       "when online)"),
         "PRETRAINED_PATH": ("", "backbone weights (torchvision file, or advbct checkpoint); empty = hub cache"),
         "WEIGHTS": ("", "trained checkpoint to load (evaluation, fine-tuning); ours or the original format"),
         "ZERO_INIT_RESIDUAL": (False, "resnets trained from scratch: zero-init the last BN of each residual "
@@ -92,7 +95,9 @@ DEFAULTS = {
         "ARC_SCALE": (30.0, "unibct: ArcFace scale s"),
         "ARC_MARGIN": (0.3, "unibct: ArcFace margin m"),
         "TEMPERATURE": (0.01, "hot_refresh: InfoNCE temperature"),
-        "TOPK_NEG": (0, "hot_refresh: keep the k hardest negatives of each kind; 0 = all"),
+        "TOPK_NEG": (0, "hot_refresh: keep the k hardest negatives of each kind; 0 = all (the release: 10)"),
+        "DETACH_KEYS": (False, "hot_refresh: no gradient through the gathered new-to-new keys (the release "
+                        "gathers them without gradient); false = gradient through every key"),
     },
     "EVAL": {
         "DATASET_TYPE": ("landmark", "task family (only 'landmark' is implemented)"),
@@ -107,7 +112,12 @@ DEFAULTS = {
         "GLDV2_SPLIT": ("private", "gldv2 query split: private | public"),
         "BACKFILL": (False, "also compute the partial-backfilling curve"),
         "BACKFILL_RATIOS": ([0.0, 0.25, 0.5, 0.75, 1.0], "fractions of gallery images re-embedded by the new model"),
-        "BACKFILL_SEED": (0, "seed of the random subset of refreshed gallery images"),
+        "BACKFILL_UNIT": ("image", "what partial backfilling refreshes: image (seeded permutation of the "
+                          "gallery images) | batch (whole gallery batches of BACKFILL_BATCH images drawn by "
+                          "Python's random.sample, as the release)"),
+        "BACKFILL_BATCH": (16, "images per refreshed gallery batch in BACKFILL_UNIT batch (the release: 16)"),
+        "BACKFILL_SEED": (-1, "seed of the refreshed subset; -1 = the unit's default: 0 for image, 100 for "
+                          "batch (the release's random.seed(100))"),
         "SAVE_DIR": ("./output/eval", "where results.json is written (several sets: SAVE_DIR/<set>/results.json)"),
         "OLD_FEATURES_CACHE": ("", "directory caching the old model's query/gallery features per test set, "
                                "keyed by the old checkpoint's content and the eval settings; '' = off"),

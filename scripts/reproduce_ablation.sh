@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # AdvBCT ablations in one table:
-#   bash scripts/reproduce_ablation.sh [{data,class} {r18,r50}] [--synthetic PRESET]   (default: class r18)
+#   bash scripts/reproduce_ablation.sh [{data,class} {r18,r50}] [--synthetic PRESET] [--old-epoch N]   (default: class r18)
 # rows: AdvBCT as configured for the block (T = 1.0 on GLDv2, 0.4 on the synthetic benchmark), without the adversarial part, without the elastic boundary (fixed radius
 # r_min, as the original code), and thresholds T in {0.4, 0.6, 0.8, 1.0, 1.2}. Shares the old model, meta
 # and phi* with scripts/reproduce_table.sh; writes output/reproduce/<block>[_synthetic-<preset>]/ablation.{md,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: bash scripts/reproduce_ablation.sh [{data,class} {r18,r50}] [--synthetic PRESET]"
+usage="usage: bash scripts/reproduce_ablation.sh [{data,class} {r18,r50}] [--synthetic PRESET] [--old-epoch N]"
 if [[ $# -eq 0 || "$1" == --* ]]; then set -- class r18 "$@"; fi
 source scripts/lib/block.sh
 prepare_block

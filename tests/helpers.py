@@ -36,3 +36,25 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def ref_hot_refresh(x, fo, labels, tau, k, detach_keys=False):
+    """Per-sample Hot-refresh loss (mean over rows): for row i the positive <f_n,i, f_o,i>, then the
+    new-to-old and new-to-new negatives j of other classes, each kind cut to its k largest (k > 0);
+    ``detach_keys``: the new-to-new keys f_n,j carry no gradient (the release's gather)."""
+    import torch
+
+    fn_hat, fo_hat = x / x.norm(dim=1, keepdim=True), fo / fo.norm(dim=1, keepdim=True)
+    keys = fn_hat.detach() if detach_keys else fn_hat
+    total = 0.0
+    for i in range(len(labels)):
+        pos = torch.dot(fn_hat[i], fo_hat[i])
+        others = [j for j in range(len(labels)) if labels[j] != labels[i]]
+        n2o = torch.stack([torch.dot(fn_hat[i], fo_hat[j]) for j in others]) if others else torch.zeros(0)
+        n2n = torch.stack([torch.dot(fn_hat[i], keys[j]) for j in others]) if others else torch.zeros(0)
+        if k > 0:
+            n2o = torch.sort(n2o, descending=True).values[:k]
+            n2n = torch.sort(n2n, descending=True).values[:k]
+        logits = torch.cat([pos[None], n2o, n2n]) / tau
+        total = total + torch.logsumexp(logits, 0) - logits[0]
+    return total / len(labels)

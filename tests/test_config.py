@@ -95,12 +95,21 @@ def test_repo_configs_are_valid():
     for family in ("gldv2", "synthetic"):
         for block in ("data_r18", "class_r18", "data_r50", "class_r50"):
             alloc, arch = block.split("_")
-            arch = {"r18": "resnet18", "r50": "resnet50"}[arch]
+            # GLDv2: the release's ImageNet weights through timm (timm 0.6.7's resnet18 / resnet50);
+            # synthetic: torchvision networks from the benchmark's own pretrained backbone
+            archs = ({"r18": "timm:resnet18.tv_in1k", "r50": "timm:resnet50.a1_in1k"} if family == "gldv2"
+                     else {"r18": "resnet18", "r50": "resnet50"})
+            arch, r18 = archs[arch], archs["r18"]
             rows = ["independent", "bct", "lce", "unibct", "hot_refresh", "advbct"]
-            rows += ["old"] if arch == "resnet18" else []
+            rows += ["old"] if arch == r18 else []
             for row in rows:
                 cfg = load_config(str(root / family / block / f"{row}.yml"))
-                assert cfg.MODEL.ARCH == ("resnet18" if row == "old" else arch)
+                assert cfg.MODEL.ARCH == (r18 if row == "old" else arch)
+                # Hot-refresh: the release's objective on GLDv2 (10 hardest negatives of each kind, keys
+                # without gradient); the synthetic tables were made with every negative and key gradient
+                release_hot_refresh = family == "gldv2" and row == "hot_refresh"
+                assert (cfg.COMP_LOSS.TOPK_NEG, cfg.COMP_LOSS.DETACH_KEYS) == ((10, True) if release_hot_refresh
+                                                                               else (0, False))
                 assert cfg.DATA.TRAIN_LIST.endswith(
                     f"_train_{'old_30' if row == 'old' else 'new_100'}percent_{alloc}.txt")
                 assert cfg.OUTPUT.endswith(f"/{alloc}_r18/old" if row == "old" else f"/{block}/{row}")
@@ -121,7 +130,7 @@ def test_repo_configs_are_valid():
                 if row in ("old", "independent"):
                     assert cfg.COMP_LOSS.TYPE == ""
                 else:   # compatible rows: their method, the R18 old model of the same allocation, its meta
-                    assert cfg.COMP_LOSS.TYPE == row
+                    assert cfg.COMP_LOSS.TYPE == row and cfg.OLD_MODEL.ARCH == r18
                     assert cfg.OLD_MODEL.WEIGHTS.endswith(f"/{alloc}_r18/old/final.pth")
                     assert cfg.COMP_LOSS.META_PATH.endswith(f"/{alloc}_r18/old/meta.pt")
                     assert cfg.META.TRAIN_LIST.endswith(f"_train_old_30percent_{alloc}.txt")

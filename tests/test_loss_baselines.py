@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
+from helpers import ref_hot_refresh
 
 D, C_OLD, C_NEW = 8, 6, 10
 
@@ -171,30 +172,36 @@ def test_unibct_matches_reference(seed, s, m, compact):
 
 
 # ------------------------------------------------------------------------------------ hot-refresh
-def ref_hot_refresh(x, fo, labels, tau, k):
-    fn_hat, fo_hat = x / x.norm(dim=1, keepdim=True), fo / fo.norm(dim=1, keepdim=True)
-    total = 0.0
-    for i in range(len(labels)):
-        pos = torch.dot(fn_hat[i], fo_hat[i])
-        others = [j for j in range(len(labels)) if labels[j] != labels[i]]
-        n2o = torch.stack([torch.dot(fn_hat[i], fo_hat[j]) for j in others]) if others else torch.zeros(0)
-        n2n = torch.stack([torch.dot(fn_hat[i], fn_hat[j]) for j in others]) if others else torch.zeros(0)
-        if k > 0:
-            n2o = torch.sort(n2o, descending=True).values[:k]
-            n2n = torch.sort(n2n, descending=True).values[:k]
-        logits = torch.cat([pos[None], n2o, n2n]) / tau
-        total = total + torch.logsumexp(logits, 0) - logits[0]
-    return total / len(labels)
-
-
-@pytest.mark.parametrize("seed,tau,k", [(0, 0.01, 0), (1, 0.1, 0), (2, 0.1, 3), (3, 0.05, 100)])
-def test_hot_refresh_matches_reference(seed, tau, k):
-    fn, fo, labels = batch(seed)
+@pytest.mark.parametrize("seed,tau,k,detach", [(0, 0.01, 0, False), (1, 0.1, 0, False), (2, 0.1, 3, False),
+                                               (3, 0.05, 100, False), (4, 0.01, 10, True), (5, 0.1, 3, True),
+                                               (6, 0.1, 0, True)])
+def test_hot_refresh_matches_reference(seed, tau, k, detach):
+    fn, fo, labels = batch(seed, b=24)
     labels[5:8] = labels[8]  # several same-class pairs to mask
-    out, grad = run(build("hot_refresh", TEMPERATURE=tau, TOPK_NEG=k), fn, fo, labels)
-    value, ref = ref_grad(fn, lambda x: ref_hot_refresh(x, fo, labels, tau, k))
+    loss_fn = build("hot_refresh", TEMPERATURE=tau, TOPK_NEG=k, DETACH_KEYS=detach)
+    out, grad = run(loss_fn, fn, fo, labels)
+    value, ref = ref_grad(fn, lambda x: ref_hot_refresh(x, fo, labels, tau, k, detach))
     torch.testing.assert_close(out["loss"], value, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_hot_refresh_release_objective_has_21_logits_and_no_key_gradient():
+    # the release's GLDv2 objective: TOPK_NEG 10, keys gathered without gradient. Same value as with
+    # gradient through the keys, another gradient; every row keeps 1 + 10 + 10 logits
+    fn, fo, labels = batch(7, b=40)
+    kw = dict(TEMPERATURE=0.01, TOPK_NEG=10)
+    out_d, grad_d = run(build("hot_refresh", DETACH_KEYS=True, **kw), fn, fo, labels)
+    out_g, grad_g = run(build("hot_refresh", **kw), fn, fo, labels)
+    torch.testing.assert_close(out_d["loss"], out_g["loss"])
+    assert (grad_d - grad_g).abs().max() > 1e-3
+    assert all(int((labels != y).sum()) >= 10 for y in labels)  # so every row has 10 real negatives
+    fn_hat, fo_hat = F.normalize(fn, dim=1), F.normalize(fo, dim=1)
+    same = labels[:, None] == labels[None, :]
+    n2o = (fn_hat @ fo_hat.t()).masked_fill(same, float("-inf")).topk(10, dim=1).values
+    n2n = (fn_hat @ fn_hat.t()).masked_fill(same, float("-inf")).topk(10, dim=1).values
+    logits = torch.cat([(fn_hat * fo_hat).sum(1, keepdim=True), n2o, n2n], dim=1) / 0.01
+    assert logits.shape == (40, 21) and torch.isfinite(logits).all()
+    torch.testing.assert_close(out_d["loss"], F.cross_entropy(logits, torch.zeros(40, dtype=torch.long)))
 
 
 def test_hot_refresh_same_class_pairs_are_masked():

@@ -103,6 +103,9 @@ def base(tiny_synthetic, tmp_path_factory):
     meta = work / "meta.pt"
     proc = run_script("extract_meta.sh", cfg, "OLD_MODEL.WEIGHTS", old_out / "final.pth",
                       "META.TRAIN_LIST", split["files"]["old"], "COMP_LOSS.META_PATH", meta)
+    # the release's name for the step, with the same arguments
+    run_script("extract_feat.sh", cfg, "OLD_MODEL.WEIGHTS", old_out / "final.pth",
+               "META.TRAIN_LIST", split["files"]["old"], "COMP_LOSS.META_PATH", work / "meta_feat.pt")
     return {"work": work, "cfg": cfg, "split": split, "old": old_out, "pretrain": pretrain, "meta": meta,
             "meta_stdout": proc.stdout, "revisited": Path(tiny_synthetic) / "ROxfordParis", "cache": {}}
 
@@ -135,6 +138,11 @@ def test_allocation_old_model_and_meta(base):
     assert sorted(set(new_labels.tolist())) == list(range(n_new))
     old_state = load(base["old"] / "final.pth")
     assert old_state["num_classes"] == n_old
+    # scripts/extract_feat.sh (the release's command) wrote the same meta as scripts/extract_meta.sh
+    meta, meta_feat = load(base["meta"]), load(base["work"] / "meta_feat.pt")
+    assert meta.keys() == meta_feat.keys() and len(meta) > 1
+    for key, value in meta.items():
+        assert torch.equal(value, meta_feat[key]) if torch.is_tensor(value) else value == meta_feat[key], key
     # the old model started from the pretrained backbone: two short steps away from it, not from a fresh init
     pre_state = load(base["pretrain"] / "final.pth")
     assert pre_state["num_classes"] == PRESETS["tiny"].pretrain_classes

@@ -88,7 +88,7 @@ def test_stamp_outputs_keys_output_dirs_on_their_benchmark(tmp_path):
 def _script_copy(tmp_path):
     """scripts/ copied into tmp_path (the scripts cd to their parent), advbct/ and tools/ linked beside it."""
     shutil.copytree(REPO / "scripts", tmp_path / "scripts")
-    for name in ("advbct", "tools"):
+    for name in ("advbct", "tools", "configs"):
         (tmp_path / name).symlink_to(REPO / name)
     return tmp_path / "scripts"
 
@@ -125,6 +125,50 @@ def test_block_refuses_outputs_of_another_train_list_before_any_step(tmp_path):
     stamp = f"{digest}  ./data/GLDv2/label_81313.txt\n"
     assert (old_dir / "BENCHMARK.sha256").read_text() == stamp
     assert (block / "BENCHMARK.sha256").read_text() == stamp
+
+
+def _fake_real_data(root):
+    for need in ("data/GLDv2/label_81313.txt", "data/GLDv2/gldv2_private_query_gt.txt",
+                 "data/ROxfordParis/gnd_roxford5k.pkl", "data/ROxfordParis/gnd_rparis6k.pkl"):
+        (root / need).parent.mkdir(parents=True, exist_ok=True)
+        (root / need).write_text("a.jpg 0\n")
+
+
+@pytest.mark.parametrize("args, old, meta, out", [
+    ([], "final.pth", "meta.pt", "class_r50"),
+    (["--old-epoch", "30"], "final.pth", "meta.pt", "class_r50"),   # the last epoch is the final model
+    (["--old-epoch", "10"], "epoch_10.pth", "meta_epoch10.pt", "class_r50_old-epoch10"),
+])
+def test_block_resolves_the_old_model_into_the_compatible_configs(tmp_path, args, old, meta, out):
+    """The old model a block's compatible rows load: the final one by default (the paper), the release's
+    epoch-10 checkpoint with --old-epoch 10, with its own meta and block folder; the resolved configs of
+    the rows (what their config.yaml records) and the test step's architectures follow."""
+    _script_copy(tmp_path)
+    _fake_real_data(tmp_path)
+    script = ('usage=u; source scripts/lib/block.sh "$@"; '
+              'echo "$OUT"; echo "$NEW_ARCH $OLD_ARCH"; '
+              'for m in "${METHODS[@]%%:*}"; do config_value "$CFG/$m.yml" OLD_MODEL.WEIGHTS "${COMPAT[@]}"; '
+              'config_value "$CFG/$m.yml" COMP_LOSS.META_PATH "${COMPAT[@]}"; done')
+    proc = subprocess.run(["bash", "-c", script, "block", "class", "r50", *args], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"./output/reproduce/{out}"
+    assert lines[1] == "timm:resnet50.a1_in1k timm:resnet18.tv_in1k"   # the release's weights, from the configs
+    assert lines[2:] == [f"./output/reproduce/old_class/{old}", f"./output/reproduce/old_class/{meta}"] * 5
+
+
+@pytest.mark.parametrize("epoch", ["12", "0", "ten", "31"])
+def test_block_refuses_an_old_epoch_without_a_checkpoint(tmp_path, epoch):
+    _script_copy(tmp_path)
+    _fake_real_data(tmp_path)
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "reproduce_table.sh"), "class", "r18",
+                           "--old-epoch", epoch], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2 and "[run]" not in proc.stdout and proc.stderr.count("\n") == 1
+    assert proc.stderr == (f"error: --old-epoch {epoch}: the old model (configs/gldv2/class_r18/old.yml) keeps the "
+                           "checkpoints of epochs 5, 10, 15, 20, 25, 30 (TRAIN.SAVE_FREQ 5, TRAIN.EPOCHS 30)\n")
+    assert not (tmp_path / "output").exists()
 
 
 def test_synthetic_block_refuses_a_pretrained_backbone_of_another_benchmark(tiny_synthetic, tmp_path):

@@ -4,6 +4,7 @@ and its answers to bad input (exit 2, one line on stderr, no traceback, the culp
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,14 +39,17 @@ def ckpts(tmp_path_factory):
     return paths
 
 
-def run_test_sh(dataset, root, new, old, save_dir, *extra, cwd, ngpus=None):
-    """scripts/test.sh with a clean environment (PATH and HOME only, no PYTHONPATH) from ``cwd``."""
+def run_test_sh(dataset, root, new, old, save_dir, *extra, cwd, ngpus=None, script=SCRIPT):
+    """scripts/test.sh (or ``script``) with a clean environment (PATH and HOME only, no PYTHONPATH) from
+    ``cwd``; ``new`` None leaves NEW_MODEL_PATH unset."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(cwd)),
-           "NEW_MODEL_PATH": str(new), "OLD_MODEL_PATH": str(old)}
+           "OLD_MODEL_PATH": str(old)}
+    if new is not None:
+        env["NEW_MODEL_PATH"] = str(new)
     if ngpus:
         env["NGPUS"] = str(ngpus)
         env["CUDA_VISIBLE_DEVICES"] = ""  # several CPU processes (gloo), whatever GPUs the machine has
-    cmd = ["bash", str(SCRIPT), "landmark", dataset, str(root), *FAST, "EVAL.SAVE_DIR", str(save_dir), *extra]
+    cmd = ["bash", str(script), "landmark", dataset, str(root), *FAST, "EVAL.SAVE_DIR", str(save_dir), *extra]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, timeout=300)
     # decoded by hand: text=True would turn the progress bars' carriage returns into newlines
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
@@ -139,6 +143,23 @@ def test_same_checkpoint_gives_cross_equal_self(tiny_synthetic, ckpts, tmp_path)
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert result["cross_test"] == result["self_test"] == result["old_self_test"]
     assert 0.0 < result["self_test"]["mAP"]["medium"] <= 100.0
+
+
+def test_old_sh_prints_the_old_self_test_of_test_sh(tiny_synthetic, ckpts, tmp_path):
+    """scripts/test_old.sh (the release's old-model self-test) gives test.sh's "old self" numbers."""
+    root = tiny_synthetic / "ROxfordParis"
+    both = run_test_sh("roxford5k", root, ckpts["new"], ckpts["old"], tmp_path / "both", cwd=tmp_path)
+    alone = run_test_sh("roxford5k", root, None, ckpts["old"], tmp_path / "old", cwd=tmp_path,
+                        script=REPO / "scripts" / "test_old.sh")
+    assert both.returncode == 0 and alone.returncode == 0, (both.stderr[-2000:], alone.stderr[-2000:])
+    full = json.loads((tmp_path / "both" / "results.json").read_text())
+    old = json.loads((tmp_path / "old" / "results.json").read_text())
+    assert set(SECTIONS) & set(old) == {"self_test"} and old["new_model"]["weights"] == ckpts["old"]
+    assert old["self_test"] == full["old_self_test"] and old["self_test"] != full["self_test"]
+    numbers = re.compile(r"mAP E +[\d.]+ +M +[\d.]+ +H +[\d.]+")
+    old_line = next(ln for ln in both.stdout.splitlines() if ln.startswith("old self"))
+    alone_lines = [ln for ln in alone.stdout.splitlines() if numbers.search(ln)]
+    assert len(alone_lines) == 1 and numbers.search(alone_lines[0])[0] == numbers.search(old_line)[0]
 
 
 # -------------------------------------------------------------------------------------- bad input

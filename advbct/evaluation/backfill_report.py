@@ -12,7 +12,8 @@ LABELS = {"independent": "phi*", "bct": "BCT", "lce": "LCE", "unibct": "UniBCT",
 
 
 def gather_curves(eval_dir):
-    """``{dataset: {model: {"ratios", "values", "metric"}}}`` from ``<eval_dir>/<model>/<dataset>/results.json``."""
+    """``{dataset: {model: curve}}`` from ``<eval_dir>/<model>/<dataset>/results.json``; a curve holds
+    "ratios", "values", "metric" and (since the unit is recorded) "unit", "seed" and, for batch, "batch"."""
     curves = {}
     for path in sorted(glob.glob(os.path.join(eval_dir, "*", "*", "results.json"))):
         model = os.path.basename(os.path.dirname(os.path.dirname(path)))
@@ -23,6 +24,27 @@ def gather_curves(eval_dir):
         raise UserError(f"{eval_dir}: no results.json with a backfilling curve (run scripts/test.sh with "
                         f"EVAL.BACKFILL true)")
     return curves
+
+
+def refresh_mode(curve):
+    """How a curve's refreshed rows were chosen, e.g. "batches of 16, seed 100"; None for a results.json
+    written before the unit was recorded (those are image curves of an unrecorded seed)."""
+    if "unit" not in curve:
+        return None
+    what = f"batches of {curve['batch']}" if curve["unit"] == "batch" else "images"
+    return f"{what}, seed {curve['seed']}"
+
+
+def _axis_and_labels(models):
+    """The x-axis label and one legend label per model: a mode shared by every curve goes on the axis,
+    differing modes go into the legend so that curves of different units are never taken as alike."""
+    modes = {model: refresh_mode(c) for model, c in models.items()}
+    xlabel = "gallery refreshed by the new model (%)"
+    labels = {model: LABELS.get(model, model) for model in models}
+    if len(set(modes.values())) == 1:
+        shared = next(iter(modes.values()))
+        return (xlabel + (f"\n({shared})" if shared else "")), labels
+    return xlabel, {m: f"{labels[m]} ({modes[m] or 'unit not recorded'})" for m in models}
 
 
 def write_backfill_report(eval_dir, out_prefix):
@@ -37,10 +59,11 @@ def write_backfill_report(eval_dir, out_prefix):
         return out_prefix + ".json", None
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (dataset, models) in zip(axes[0], sorted(curves.items())):
+        xlabel, labels = _axis_and_labels(models)
         for model, c in sorted(models.items()):
-            ax.plot([100 * r for r in c["ratios"]], c["values"], marker="o", label=LABELS.get(model, model))
+            ax.plot([100 * r for r in c["ratios"]], c["values"], marker="o", label=labels[model])
         ax.set_title(dataset)
-        ax.set_xlabel("gallery refreshed by the new model (%)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(next(iter(models.values()))["metric"])
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)

@@ -7,16 +7,18 @@ from advbct import distributed as dist
 from advbct.config import save_config
 from advbct.engine.builders import check_same_embedding, load_trained_model
 from advbct.errors import UserError
-from advbct.evaluation import feature_cache
+from advbct.evaluation import backfill, feature_cache
 from advbct.evaluation.protocol import DATASETS, evaluate_models, load_test_set
 from advbct.evaluation.reporting import write_json_atomic
 
 
 def format_result(result):
-    """Human-readable lines: self/cross (and old self) E/M/H mAP, or mAP@100 for GLDv2."""
+    """Human-readable lines: self/cross (and old self) E/M/H mAP, or mAP@100 for GLDv2; a model evaluated
+    alone (no OLD_MODEL.WEIGHTS) prints a plain self-test line."""
     lines = [f"== {result['dataset']} =="]
-    for key, name in (("self_test", "self-test  (new/new)"), ("cross_test", "cross-test (new/old)"),
-                      ("old_self_test", "old self   (old/old)")):
+    alone = "cross_test" not in result  # one model (scripts/test_old.sh): its self-test, not a new model's
+    for key, name in (("self_test", "self-test" if alone else "self-test  (new/new)"),
+                      ("cross_test", "cross-test (new/old)"), ("old_self_test", "old self   (old/old)")):
         if key not in result:
             continue
         m = result[key]
@@ -68,6 +70,7 @@ def run_evaluation(cfg):
     """
     if cfg.EVAL.DATASET_TYPE != "landmark":
         raise UserError(f"EVAL.DATASET_TYPE: only 'landmark' is implemented, got '{cfg.EVAL.DATASET_TYPE}'")
+    backfill.check_config(cfg)  # a bad EVAL.BACKFILL_* key fails here, not after the extraction
     _, _, device = dist.init_distributed()  # first: rank 0 alone checks the test sets' images
     try:
         jobs = [(job, load_test_set(job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.GLDV2_SPLIT))

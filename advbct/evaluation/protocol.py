@@ -17,7 +17,8 @@ from advbct.data.revisited import load_revisited
 from advbct.data.transforms import eval_transform
 from advbct.data.workers import resolve_num_workers
 from advbct.errors import UserError, one_line
-from advbct.evaluation import feature_cache
+from advbct.evaluation import backfill, feature_cache
+from advbct.evaluation.backfill import backfill_gallery  # also importable from here, as before
 from advbct.evaluation.features import extract_features
 from advbct.evaluation.metrics import gldv2_map_at_k, revisited_ranking_metrics
 from advbct.evaluation.search import knn_search
@@ -109,28 +110,16 @@ def headline_value(metrics):
     return metrics["mAP"]["medium"] if "mAP" in metrics else metrics["mAP@100"]
 
 
-def backfill_gallery(new_gallery, old_gallery, ratio, seed=0):
-    """Gallery with a seeded random ``ratio`` of its *images* re-embedded by the new model.
-
-    One permutation per seed and the first ``round(ratio * n)`` images refreshed, so the refreshed
-    sets are nested as the ratio grows; ratio 0 is the old gallery, ratio 1 the new one.
-    """
-    if not 0.0 <= ratio <= 1.0:
-        raise UserError(f"EVAL.BACKFILL_RATIOS: ratio {ratio} is outside [0, 1]")
-    n = old_gallery.shape[0]
-    order = np.random.default_rng(seed).permutation(n)
-    refreshed = order[: int(round(ratio * n))]
-    mixed = np.array(old_gallery, dtype=np.float32, copy=True)
-    mixed[refreshed] = np.asarray(new_gallery, dtype=np.float32)[refreshed]
-    return mixed
-
-
-def backfill_curve(test_set, new_query, new_gallery, old_gallery, ratios, seed=0):
-    """Headline metric per refresh ratio (queries always by the new model)."""
-    values = [headline_value(score(test_set, new_query, backfill_gallery(new_gallery, old_gallery, r, seed)))
+def backfill_curve(test_set, new_query, new_gallery, old_gallery, ratios, seed=-1, unit="image", batch=16):
+    """Headline metric per refresh ratio (queries always by the new model), with the unit, batch and seed
+    that chose the refreshed rows (see advbct/evaluation/backfill.py)."""
+    backfill.check_settings(unit, batch, seed, ratios)
+    values = [headline_value(score(test_set, new_query,
+                                   backfill_gallery(new_gallery, old_gallery, r, seed, unit, batch)))
               for r in ratios]
     return {"ratios": [float(r) for r in ratios], "values": values,
-            "metric": "mAP medium" if test_set.is_revisited else "mAP@100"}
+            "metric": "mAP medium" if test_set.is_revisited else "mAP@100",
+            **backfill.describe(unit, batch, seed)}
 
 
 def _numpy(x):
@@ -185,8 +174,9 @@ def score_models(test_set, cfg, new_q, new_g, old_q=None, old_g=None):
         result["cross_test"] = score(test_set, new_q, old_g)
         result["old_self_test"] = score(test_set, old_q, old_g)
         if cfg.EVAL.BACKFILL:
-            result["backfill"] = backfill_curve(test_set, new_q, new_g, old_g, cfg.EVAL.BACKFILL_RATIOS,
-                                                cfg.EVAL.BACKFILL_SEED)
+            e = cfg.EVAL
+            result["backfill"] = backfill_curve(test_set, new_q, new_g, old_g, e.BACKFILL_RATIOS,
+                                                e.BACKFILL_SEED, e.BACKFILL_UNIT, e.BACKFILL_BATCH)
     return result
 
 
@@ -194,8 +184,9 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
     """Self-test of ``new_model`` and, with ``old_model``, cross-test, old self-test and backfilling.
 
     Every rank embeds its shard; rank 0 alone holds the features and searches; every rank returns its
-    result (a rank 0 error is raised on every rank).
+    result (a rank 0 error is raised on every rank). The EVAL.BACKFILL_* keys are checked first.
     """
+    backfill.check_config(cfg)
     test_set = test_set or load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
     if old_model is not None and old_model.embed_dim != new_model.embed_dim:
         raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "

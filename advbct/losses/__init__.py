@@ -30,7 +30,7 @@ DEFAULTS = {
     "TYPE": "", "WEIGHT": 1.0, "META_PATH": "", "ELASTIC": True, "FIXED_RADIUS": "min", "BOUNDARY": True,
     "ADVERSARIAL": True, "THRESHOLD": 1.0, "ADV_SCHEDULE": "decay", "DISC_HIDDEN": 100, "GRL_GAMMA": 10.0,
     "LCE_VARIANT": "benchmark", "LCE_ALIGN_WEIGHT": 1.0, "ARC_SCALE": 30.0, "ARC_MARGIN": 0.3,
-    "TEMPERATURE": 0.01, "TOPK_NEG": 0,
+    "TEMPERATURE": 0.01, "TOPK_NEG": 0, "DETACH_KEYS": False,
 }
 
 __all__ = ["LOSSES", "CompatibilityLoss", "build_compat_loss", "needs_meta", "needs_old_classifier"]
@@ -90,7 +90,8 @@ def build_compat_loss(comp_cfg: Mapping, *, embed_dim: int, num_old_classes: int
             raise UserError(f"COMP_LOSS.TEMPERATURE {temperature}: expected > 0")
         if topk < 0:
             raise UserError(f"COMP_LOSS.TOPK_NEG {topk}: expected 0 (all negatives) or a positive count")
-        return HotRefreshLoss(num_old_classes, temperature=temperature, topk_neg=topk, weight=weight)
+        return HotRefreshLoss(num_old_classes, temperature=temperature, topk_neg=topk,
+                              detach_keys=bool(_get(comp_cfg, "DETACH_KEYS")), weight=weight)
     if kind == "advbct":
         return AdvBCTLoss(embed_dim=embed_dim, num_old_classes=num_old_classes, total_epochs=total_epochs,
                           meta=meta, boundary=bool(_get(comp_cfg, "BOUNDARY")),

@@ -14,22 +14,26 @@ class HotRefreshLoss(CompatibilityLoss):
 
     Row i of the logits is [⟨f̂_n,i, f̂_o,i⟩, ⟨f̂_n,i, f̂_o,j⟩_j, ⟨f̂_n,i, f̂_n,j⟩_j] / τ with j over
     the GLOBAL batch (gathered over ranks); pairs with y_j = y_i (including j = i) are masked to −∞;
-    with ``topk_neg`` = k > 0 only the k largest negatives of each kind are kept. The loss is the CE
-    toward the positive, averaged over the LOCAL rows. Convention under DDP: the gather's backward
-    sums the gradients all ranks computed for a shard, so after DDP's gradient averaging the update
-    equals that of the single-process loss on the whole global batch. (The original gathered without
-    gradient, so its new-to-new keys got none; here they do, which is the same on one process.)
+    with ``topk_neg`` = k > 0 only the k largest negatives of each kind are kept (the release: 10, so
+    21 logits a row). The loss is the CE toward the positive, averaged over the LOCAL rows.
+
+    Gradient: the query f̂_n,i always carries it. The new-to-new keys f̂_n,j carry it too unless
+    ``detach_keys`` (the release gathers its keys without gradient, on one GPU as on several). Under
+    DDP the gather's backward sums the gradients all ranks computed for a shard, so in both modes the
+    update after DDP's gradient averaging equals that of the single-process loss on the global batch.
     """
 
-    def __init__(self, num_old_classes: int, temperature: float = 0.01, topk_neg: int = 0, weight: float = 1.0):
+    def __init__(self, num_old_classes: int, temperature: float = 0.01, topk_neg: int = 0,
+                 detach_keys: bool = False, weight: float = 1.0):
         super().__init__(num_old_classes, weight)
         self.temperature = float(temperature)
         self.topk_neg = int(topk_neg)
+        self.detach_keys = bool(detach_keys)
 
     def compute(self, feat_new, feat_old, labels, *, new_classifier_weight, progress, epoch):
         fn = F.normalize(feat_new, dim=1)
         fo = F.normalize(feat_old, dim=1)
-        fn_all = all_gather_with_grad(fn)
+        fn_all = all_gather_with_grad(fn.detach() if self.detach_keys else fn)
         fo_all = all_gather_with_grad(fo)
         y_all = all_gather_with_grad(labels)
         same = labels[:, None] == y_all[None, :]  # (B, B_global): positives and same-class pairs
@@ -46,4 +50,5 @@ class HotRefreshLoss(CompatibilityLoss):
         return term, {"hot_refresh": term}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, temperature={self.temperature}, topk_neg={self.topk_neg}"
+        return (f"{super().extra_repr()}, temperature={self.temperature}, topk_neg={self.topk_neg}, "
+                f"detach_keys={self.detach_keys}")

@@ -1,8 +1,10 @@
-"""Backbones: torchvision classification networks with the final classifier removed.
+"""Backbones: torchvision classification networks with the final classifier removed, or timm models
+(``timm:<name>``, optional dependency, see :mod:`advbct.models.timm_backbone`).
 
 The paper uses ImageNet-pretrained ResNet-18/50 with global average pooling (PAPER.md "Model (code)");
-any torchvision classifier whose last layer is a ``Linear`` works the same way. Pretrained weights are
-read from a local file (``weights_path``) or the torch hub cache; nothing is ever downloaded. A local
+any torchvision classifier whose last layer is a ``Linear`` works the same way. Its pretrained weights
+are read from a local file (``weights_path``) or the torch hub cache; nothing is ever downloaded (timm
+models resolve theirs the timm way, downloading when online). A local
 file may also be an advbct checkpoint, whose backbone is then used (the synthetic blocks start old and new
 models from one backbone pretrained on disjoint landmarks, as the paper starts both from ImageNet).
 """
@@ -20,8 +22,9 @@ import torchvision
 from torch import nn
 
 from advbct.errors import UserError
+from advbct.models.timm_backbone import build_timm_backbone, is_timm_arch, timm_arch_name
 
-__all__ = ["available_archs", "build_backbone", "default_weights_file"]
+__all__ = ["advbct_backbone_state", "available_archs", "build_backbone", "canonical_arch", "default_weights_file"]
 
 # torchvision classifiers that do not fit "features -> final Linear": auxiliary outputs in training
 # mode, or a convolutional classifier.
@@ -43,7 +46,7 @@ _DENSENET_KEY = re.compile(
 
 
 def available_archs() -> list[str]:
-    """Names accepted by :func:`build_backbone` (torchvision classification models)."""
+    """torchvision names accepted by :func:`build_backbone` (besides ``timm:<name>`` for timm models)."""
     names = torchvision.models.list_models(module=torchvision.models)
     return sorted(n for n in names if n not in _UNSUPPORTED)
 
@@ -84,23 +87,57 @@ def _strip_classifier(model: nn.Module, arch: str) -> tuple[int, str]:
     raise UserError(f"backbone '{arch}': no final Linear classifier found to remove")
 
 
-def _read_weights(path: str) -> dict:
-    # Local import: checkpoint.py does not depend on this module, so no import cycle.
-    from advbct.models.checkpoint import load_checkpoint
+def canonical_arch(arch: str) -> str:
+    """How a model records its arch: lower case, ``timm:<name>`` for timm models."""
+    if is_timm_arch(arch):
+        return f"timm:{timm_arch_name(arch)}"
+    return str(arch).strip().lower()
 
-    obj = load_checkpoint(path)
+
+def _tensor_state(obj: dict) -> dict | None:
+    """The state dict in a loaded file (a 'state_dict'/'model' entry or the file itself, DDP prefix
+    stripped); None when it is not a non-empty mapping of tensors."""
     for key in ("state_dict", "model"):
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a state dict of tensors (torchvision weights file)")
-    keys = list(obj)
-    if all(k.startswith("module.") for k in keys):
+        return None
+    if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    if any(k.startswith(_MODEL_BACKBONE) for k in obj):  # an advbct checkpoint: its backbone only
-        obj = {k[len(_MODEL_BACKBONE):]: v for k, v in obj.items() if k.startswith(_MODEL_BACKBONE)}
     return dict(obj)
+
+
+def _backbone_only(state: dict) -> dict:
+    return {k[len(_MODEL_BACKBONE):]: v for k, v in state.items() if k.startswith(_MODEL_BACKBONE)}
+
+
+def _read_weights(path: str) -> dict:
+    # Local import: checkpoint.py does not depend on this module, so no import cycle.
+    from advbct.models.checkpoint import load_checkpoint
+
+    state = _tensor_state(load_checkpoint(path))
+    if state is None:
+        raise UserError(f"{path}: expected a state dict of tensors (torchvision weights file)")
+    if any(k.startswith(_MODEL_BACKBONE) for k in state):  # an advbct checkpoint: its backbone only
+        state = _backbone_only(state)
+    return state
+
+
+def advbct_backbone_state(path: str) -> dict | None:
+    """The backbone tensors of the advbct checkpoint ``path`` (``backbone.`` prefix removed); None when
+    ``path`` is some other file (a torchvision/timm state dict, safetensors, unreadable)."""
+    from advbct.models.checkpoint import load_checkpoint
+
+    if str(path).endswith(".safetensors"):
+        return None
+    try:
+        state = _tensor_state(load_checkpoint(path))
+    except UserError:  # not a plain torch file: whoever reads it next reports why
+        return None
+    if state is None or not any(k.startswith(_MODEL_BACKBONE) for k in state):
+        return None
+    return _backbone_only(state)
 
 
 def _load_pretrained(model: nn.Module, arch: str, path: str, classifier_prefix: str) -> None:
@@ -129,14 +166,18 @@ def _load_pretrained(model: nn.Module, arch: str, path: str, classifier_prefix: 
 
 def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None = None,
                    zero_init_residual: bool = False):
-    """Build torchvision ``arch`` without its classifier; returns ``(module, out_dim)``.
+    """Build torchvision ``arch`` (or timm ``timm:<name>``) without its classifier; returns ``(module, out_dim)``.
 
     The module maps images (B, 3, H, W) to pooled features (B, out_dim). Weights: ``weights_path`` when
     given (any non-empty path is loaded, whatever ``pretrained`` says), else with ``pretrained`` the
     default ImageNet file from the torch hub cache; a missing file is a :class:`UserError`, never a
     download and never a silent random init. ``zero_init_residual`` (resnet family only) starts each residual
-    branch at zero, so a deep resnet trained from scratch begins as a shallow one.
+    branch at zero, so a deep resnet trained from scratch begins as a shallow one. timm archs: see
+    :func:`advbct.models.timm_backbone.build_timm_backbone`.
     """
+    if is_timm_arch(arch):
+        return build_timm_backbone(arch, pretrained=pretrained, weights_path=weights_path,
+                                   zero_init_residual=zero_init_residual)
     name = _check_arch(arch)
     extra = {}
     if zero_init_residual:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advbct.models.backbones import build_backbone
+from advbct.models.backbones import build_backbone, canonical_arch
 from advbct.models.heads import EmbeddingHead, build_classifier
 
 __all__ = ["RetrievalModel", "build_model"]
@@ -57,14 +57,15 @@ def build_model(
     margin: float = 0.3,
     zero_init_residual: bool = False,
 ) -> RetrievalModel:
-    """Backbone ``arch`` + EmbeddingHead(embed_dim) + classifier head (none when ``num_classes`` is 0)."""
+    """Backbone ``arch`` (torchvision name or ``timm:<name>``) + EmbeddingHead(embed_dim) + classifier head
+    (none when ``num_classes`` is 0)."""
     backbone, out_dim = build_backbone(arch, pretrained=pretrained, weights_path=weights_path,
                                       zero_init_residual=zero_init_residual)
     head = EmbeddingHead(out_dim, embed_dim)
     cls = build_classifier(classifier, embed_dim, num_classes, scale=scale, margin=margin) if num_classes else None
     model = RetrievalModel(backbone, head, cls)
     model.spec = {
-        "arch": str(arch).strip().lower(),
+        "arch": canonical_arch(arch),
         "embed_dim": int(embed_dim),
         "num_classes": int(num_classes),
         "classifier": str(classifier).strip().lower() if num_classes else None,

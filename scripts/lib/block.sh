@@ -2,10 +2,11 @@
 # block shares (synthetic data and pretrained backbones, split, old model, meta, phi*). Expects `usage` to be set.
 [[ $# -ge 2 ]] || { echo "$usage" >&2; exit 2; }
 ALLOC="$1"; BACKBONE="$2"; shift 2
-PRESET=""
+PRESET=""; OLD_EPOCH=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --synthetic) PRESET="${2:?--synthetic needs a preset (tiny, small, medium)}"; shift 2 ;;
+    --old-epoch) OLD_EPOCH="${2:?--old-epoch needs an epoch (e.g. 10, as the release)}"; shift 2 ;;
     *) echo "error: unknown argument '$1'; $usage" >&2; exit 2 ;;
   esac
 done
@@ -15,7 +16,6 @@ case "$BACKBONE" in r18|r50) ;; *) echo "error: unknown backbone '$BACKBONE' (ex
 source scripts/lib/launch.sh
 source scripts/lib/pipeline.sh
 BLOCK="${ALLOC}_${BACKBONE}"
-NEW_ARCH=$([[ $BACKBONE == r18 ]] && echo resnet18 || echo resnet50)
 PAPER_BLOCK=$([[ $BACKBONE == r18 ]] && echo "$ALLOC" || echo "backbone-$ALLOC")
 METHODS=(bct:BCT lce:LCE unibct:UniBCT hot_refresh:HotRefresh advbct:AdvBCT)
 
@@ -39,9 +39,20 @@ else
     [[ -e "$need" ]] || { echo "error: $need not found: lay out the datasets as in Dataset.md (or use --synthetic PRESET)" >&2; exit 2; }
   done
 fi
-OUT="./output/reproduce/${BLOCK}${TAG}"
+OLD_CFG="configs/$(basename "$(dirname "$CFG")")/${ALLOC}_r18/old.yml"
 OLD_DIR="./output/reproduce/old_${ALLOC}${TAG}"   # shared by the r18 and r50 blocks of one allocation
-OLD="$OLD_DIR/final.pth"; META="$OLD_DIR/meta.pt"
+# Which old model the compatible rows train against and are tested with: by default the final one (the
+# paper's protocol), with --old-epoch N its epoch-N checkpoint (the release's compatible configs load epoch
+# 10), which the old model's training keeps; such a block gets its own meta and output folder.
+OLD="$OLD_DIR/final.pth"; META="$OLD_DIR/meta.pt"; OLD_TAG=""
+if [[ -n "$OLD_EPOCH" ]]; then
+  old_ckpt="$(old_checkpoint_name "$OLD_CFG" "$OLD_EPOCH" "${DATA_OPTS[@]}")" || exit 2
+  OLD="$OLD_DIR/$old_ckpt"
+  if [[ "$old_ckpt" != final.pth ]]; then META="$OLD_DIR/meta_epoch$OLD_EPOCH.pt"; OLD_TAG="_old-epoch$OLD_EPOCH"; fi
+fi
+OUT="./output/reproduce/${BLOCK}${TAG}${OLD_TAG}"
+NEW_ARCH="$(config_value "$CFG/independent.yml" MODEL.ARCH)" || exit 2
+OLD_ARCH="$(config_value "$OLD_CFG" MODEL.ARCH)" || exit 2
 COMPAT=(OLD_MODEL.WEIGHTS "$OLD" COMP_LOSS.META_PATH "$META")
 LOGS="$OUT/logs"
 start=$SECONDS
@@ -60,8 +71,8 @@ prepare_block() {
   fi
   run_step "split by $ALLOC (30 % old)" "$(dirname "$FULL_LIST")/gldv2_train_new_100percent_$ALLOC.txt" "$LOGS/split.log" \
     "$PYTHON" tools/split_dataset.py --list "$FULL_LIST" --by "$ALLOC" --ratio 0.3
-  run_step "old model (R18, $ALLOC allocation)" "$OLD" "$LOGS/old.log" \
-    bash scripts/train_old.sh "configs/$(basename "$(dirname "$CFG")")/${ALLOC}_r18/old.yml" "${DATA_OPTS[@]}" "${OLD_INIT[@]}" \
+  run_step "old model (R18, $ALLOC allocation)" "$OLD_DIR/final.pth" "$LOGS/old.log" \
+    bash scripts/train_old.sh "$OLD_CFG" "${DATA_OPTS[@]}" "${OLD_INIT[@]}" \
     DATA.TRAIN_LIST "$(dirname "$FULL_LIST")/gldv2_train_old_30percent_$ALLOC.txt" OUTPUT "$OLD_DIR"
   run_step "old-class meta" "$META" "$LOGS/meta.log" \
     bash scripts/extract_meta.sh "$CFG/advbct.yml" "${DATA_OPTS[@]}" "${COMPAT[@]}"
@@ -73,5 +84,5 @@ prepare_block() {
 # in one process; the old model's features are embedded by the first model tested and read back by the others
 evaluate_model() {
   test_step "test $1" "$OUT/$1/final.pth" "$NEW_ARCH" "$OLD" "$OUT/eval/$1" "$LOGS/test_$1.log" "$REV_ROOT" "$GLD_ROOT" \
-    "${EVAL_OPTS[@]}" EVAL.BACKFILL true EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
+    "${EVAL_OPTS[@]}" OLD_MODEL.ARCH "$OLD_ARCH" EVAL.BACKFILL true EVAL.OLD_FEATURES_CACHE "$OUT/eval/old_features"
 }

@@ -106,3 +106,35 @@ test_step() {
     bash scripts/test.sh landmark "$(IFS=,; echo "${todo[*]}")" "$(IFS=,; echo "${roots[*]}")" "$@" \
     EVAL.SAVE_DIR "$save"
 }
+
+# config_value CONFIG KEY [KEY VALUE ...] : the resolved value of KEY (e.g. MODEL.ARCH) in CONFIG
+config_value() {
+  "$PYTHON" -c "import sys
+from advbct.cli import guarded
+from advbct.config import load_config
+def main():
+    node = load_config(sys.argv[1], sys.argv[3:])
+    for part in sys.argv[2].split('.'):
+        node = node[part]
+    print(node)
+guarded(main)()" "$@"
+}
+
+# old_checkpoint_name OLD_CONFIG EPOCH [KEY VALUE ...] : the checkpoint the old model's training leaves for
+# EPOCH (final.pth for its last epoch, epoch_N.pth every TRAIN.SAVE_FREQ epochs); any other EPOCH stops
+# the script in one line listing the epochs it keeps
+old_checkpoint_name() {
+  "$PYTHON" -c "import sys
+from advbct.cli import guarded
+from advbct.config import load_config
+from advbct.errors import UserError
+def main():
+    train = load_config(sys.argv[1], sys.argv[3:]).TRAIN
+    kept = sorted(set(range(train.SAVE_FREQ, train.EPOCHS + 1, train.SAVE_FREQ)) | {train.EPOCHS})
+    epoch = sys.argv[2]
+    if not epoch.isdigit() or int(epoch) not in kept:
+        raise UserError(f'--old-epoch {epoch}: the old model ({sys.argv[1]}) keeps the checkpoints of epochs '
+                        f'{\", \".join(map(str, kept))} (TRAIN.SAVE_FREQ {train.SAVE_FREQ}, TRAIN.EPOCHS {train.EPOCHS})')
+    print('final.pth' if int(epoch) == train.EPOCHS else f'epoch_{int(epoch)}.pth')
+guarded(main)()" "$@"
+}

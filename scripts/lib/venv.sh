@@ -12,7 +12,7 @@ faiss_extra() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu; else echo cpu; fi
 }
 
-# _install_extra EXTRA : pip install -e ".[EXTRA,test,plot]". faiss-cpu and faiss-gpu-cu12 install the same
+# _install_extra EXTRA : pip install -e ".[EXTRA,timm,test,plot]". faiss-cpu and faiss-gpu-cu12 install the same
 # `faiss` package, so the other one is removed first (removing it afterwards would delete shared files).
 _install_extra() {
   local extra="$1" other=faiss-cpu
@@ -21,7 +21,7 @@ _install_extra() {
     echo "removing $other from $VENV (faiss comes from the '$extra' extra here)" >&2
     "$VENV/bin/python" -m pip uninstall -q -y "$other" >&2
   fi
-  "$VENV/bin/python" -m pip install -q -e ".[$extra,test,plot]" >&2
+  "$VENV/bin/python" -m pip install -q -e ".[$extra,timm,test,plot]" >&2
 }
 
 ensure_venv() {
@@ -40,13 +40,13 @@ ensure_venv() {
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
     if ! _install_extra "$extra"; then
       if [[ "$extra" != gpu ]]; then
-        echo "error: pip install -e \".[$extra,test,plot]\" into $VENV failed (output above)" >&2
+        echo "error: pip install -e \".[$extra,timm,test,plot]\" into $VENV failed (output above)" >&2
         exit 1
       fi
       # no faiss-gpu-cu12 wheel for this Python or platform: exact search then runs on the CPU
       echo "note: faiss-gpu-cu12 could not be installed (wheels: Linux, Python 3.10-3.13); installing faiss-cpu" >&2
       extra=cpu
-      _install_extra cpu || { echo "error: pip install -e \".[cpu,test,plot]\" into $VENV failed" >&2; exit 1; }
+      _install_extra cpu || { echo "error: pip install -e \".[cpu,timm,test,plot]\" into $VENV failed" >&2; exit 1; }
     fi
     echo "$want $extra" >"$stamp"
   fi
