@@ -35,7 +35,7 @@ def config_main(description, run, argv=None):
         parser = add_config_arguments(argparse.ArgumentParser(description=description))
         args = parser.parse_args(argv)
         cfg = load_config(args.cfg, args.opts)
-        from advbct import distributed as dist  # torch import after the config is known to be valid
+        from advbct import distributed as dist
         try:
             result = run(cfg)
             dist.finish()

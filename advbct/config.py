@@ -13,6 +13,8 @@ import os
 import yaml
 
 from advbct.errors import UserError
+from advbct.io import atomic_open
+from advbct.losses.registry import config_section
 
 # Every key: (default, one-line description). Sections are nested dicts.
 DEFAULTS = {
@@ -78,27 +80,9 @@ DEFAULTS = {
         "RESUME": ("", "'' (fresh), 'auto' (OUTPUT/last.pth if present) or a checkpoint path"),
         "MAX_ITERS_PER_EPOCH": (0, "cap iterations per epoch (smoke tests); 0 = full epoch"),
     },
-    "COMP_LOSS": {
-        "TYPE": ("", "compatibility method: '' (none) | bct | lce | unibct | hot_refresh | advbct | l2"),
-        "WEIGHT": (1.0, "weight of the whole compatibility term"),
-        "META_PATH": ("", "old-class meta file (scripts/extract_meta.sh); needed by lce, unibct, advbct"),
-        "ELASTIC": (True, "advbct: learnable elastic boundary (False: fixed boundary ablation)"),
-        "FIXED_RADIUS": ("min", "advbct fixed-boundary ablation radius: min (original code) | max"),
-        "BOUNDARY": (True, "advbct: use the boundary term"),
-        "ADVERSARIAL": (True, "advbct: use the adversarial term"),
-        "THRESHOLD": (1.0, "advbct: threshold T of the elastic radius"),
-        "ADV_SCHEDULE": ("decay", "advbct: adversarial weight (E-e+1)/E ('decay', code) or 1 ('constant')"),
-        "DISC_HIDDEN": (100, "advbct: discriminator hidden units"),
-        "GRL_GAMMA": (10.0, "advbct: gradient reversal alpha = 2/(1+exp(-gamma p)) - 1"),
-        "LCE_VARIANT": ("benchmark", "lce: benchmark (angular boundary + alignment) | official"),
-        "LCE_ALIGN_WEIGHT": (1.0, "lce: weight of the alignment term (official LCE: 100)"),
-        "ARC_SCALE": (30.0, "unibct: ArcFace scale s"),
-        "ARC_MARGIN": (0.3, "unibct: ArcFace margin m"),
-        "TEMPERATURE": (0.01, "hot_refresh: InfoNCE temperature"),
-        "TOPK_NEG": (0, "hot_refresh: keep the k hardest negatives of each kind; 0 = all (the release: 10)"),
-        "DETACH_KEYS": (False, "hot_refresh: no gradient through the gathered new-to-new keys (the release "
-                        "gathers them without gradient); false = gradient through every key"),
-    },
+    # TYPE, WEIGHT, META_PATH and every registered method's options, declared in the method's own file
+    # (advbct/losses/registry.py); the same dict object, so a method registered later adds its keys here
+    "COMP_LOSS": config_section(),
     "EVAL": {
         "DATASET_TYPE": ("landmark", "task family (only 'landmark' is implemented)"),
         "DATASET": ("roxford5k", "roxford5k | rparis6k | gldv2, or several comma-separated (one process)"),
@@ -281,11 +265,8 @@ def load_config(cfg_file=None, overrides=()):
 
 def save_config(cfg, path):
     """Write the resolved config as YAML (atomically) next to a run's outputs."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def add_config_arguments(parser):

@@ -12,14 +12,13 @@ Note: the IQR interval always contains r[⌊n/4⌋..⌊3n/4⌋] (≥ 3 values wh
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from advbct.errors import UserError
+from advbct.io import atomic_open
 
 META_FORMAT = "advbct-class-meta-v1"
 _TENSOR_KEYS = ("centers", "r_max", "r_min", "counts", "n_kept", "theta_max")
@@ -128,23 +127,11 @@ def compute_meta(features, labels, num_classes: int, chunk_size: int = 262144) -
 
 
 # ------------------------------------------------------------------------------------- save / load
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_meta(path, meta: ClassMeta) -> None:
     """Write ``meta`` atomically as one ``.pt`` file of plain tensors (loadable with weights_only)."""
     payload = {"format": META_FORMAT, **{k: v.detach().cpu().contiguous() for k, v in meta.state().items()}}
-    _atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_meta(path, device="cpu") -> ClassMeta:
@@ -257,4 +244,5 @@ def export_original_json(meta: ClassMeta, path) -> None:
         ramp = ramp.tolist()
         ramp[0], ramp[-1] = float(meta.r_min[k]), float(meta.r_max[k])
         data[str(k)] = {"center": centers[k].tolist(), "radius": ramp}
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data)))
+    with atomic_open(path) as handle:
+        handle.write(json.dumps(data))

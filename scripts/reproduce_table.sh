@@ -10,22 +10,6 @@
 # (10: the release's configs), with its own meta and output/reproduce/<block>[...]_old-epochN/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: bash scripts/reproduce_table.sh {data,class} {r18,r50} [--synthetic PRESET] [--old-epoch N]"
-source scripts/lib/block.sh
-prepare_block
-for entry in "${METHODS[@]}"; do
-  m="${entry%%:*}"
-  run_step "$m ($BACKBONE)" "$OUT/$m/final.pth" "$LOGS/$m.log" \
-    bash scripts/train_new.sh "$CFG/$m.yml" "${DATA_OPTS[@]}" "${NEW_INIT[@]}" "${COMPAT[@]}" OUTPUT "$OUT/$m"
-done
-for model in independent "${METHODS[@]%%:*}"; do evaluate_model "$model"; done
-method_args=()
-for entry in "${METHODS[@]}"; do method_args+=(--method "${entry#*:}=$OUT/eval/${entry%%:*}"); done
-ref_args=()
-[[ -z "$PRESET" && -f ../shared/data/paper_table.json ]] && ref_args=(--reference ../shared/data/paper_table.json)
-echo "[run]  table"
-"$PYTHON" tools/collect_results.py --independent "$OUT/eval/independent" "${method_args[@]}" \
-  --block "$PAPER_BLOCK" --description "$BLOCK${TAG}" --out "$OUT/table.json" --markdown "$OUT/table.md" \
-  --criterion "${ref_args[@]}"
-"$PYTHON" tools/plot_backfill.py --eval-dir "$OUT/eval" --out "$OUT/backfill"
-echo "block $BLOCK$TAG finished in $((SECONDS - start)) s: $OUT/table.md"
+source scripts/lib/launch.sh
+# the steps: advbct/pipelines/blocks.py (DATA: the synthetic benchmark's folder, default ./data/synthetic-<preset>)
+exec "$PYTHON" -m advbct.pipelines table "$@"

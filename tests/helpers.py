@@ -2,12 +2,14 @@
 
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SCRIPTS_LIB = Path(__file__).resolve().parent.parent / "scripts" / "lib"
+REPO = Path(__file__).resolve().parent.parent   # the repository root
+SCRIPTS_LIB = REPO / "scripts" / "lib"
 
 
 def write_image_list(root, classes=4, per_class=8, size=16, seed=0):
@@ -25,10 +27,29 @@ def write_image_list(root, classes=4, per_class=8, size=16, seed=0):
     return root / "train.txt"
 
 
-def run_pipeline_lib(snippet, cwd, **kwargs):
-    """Run ``snippet`` in bash (strict mode) after sourcing the scripts' launch.sh and pipeline.sh."""
-    script = f"set -euo pipefail; source {SCRIPTS_LIB}/launch.sh; source {SCRIPTS_LIB}/pipeline.sh; {snippet}"
-    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, **kwargs)
+def run_pipeline_steps(plan, cwd, **kwargs):
+    """Run the Python expression ``plan`` (a list of advbct.pipelines steps, names of advbct.pipelines in
+    scope) with ``run_steps`` in a fresh interpreter from ``cwd``, as the pipelines' command line does
+    (a failing step: one ``error: ...`` line, exit status 1)."""
+    code = ("import sys\nfrom advbct.cli import guarded\nfrom advbct.pipelines import *\n"
+            f"sys.exit(guarded(run_steps)({plan}))")
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, **kwargs)
+
+
+def write_results(path, dataset, self_m, cross_m, old_m):
+    """``path/results.json`` as scripts/test.sh writes it for ``dataset``: the self, cross and old self-test
+    headline values given (revisited sets: Medium ``v``, Easy ``v + 1``, Hard ``v - 1``; gldv2: mAP@100)."""
+    import json
+
+    def metrics(v):
+        if dataset == "gldv2":
+            return {"mAP@100": v}
+        return {"mAP": {"easy": v + 1, "medium": v, "hard": v - 1}}
+
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({
+        "dataset": dataset, "self_test": metrics(self_m), "cross_test": metrics(cross_m),
+        "old_self_test": metrics(old_m)}))
 
 
 def free_port():
@@ -58,3 +79,61 @@ def ref_hot_refresh(x, fo, labels, tau, k, detach_keys=False):
         logits = torch.cat([pos[None], n2o, n2n]) / tau
         total = total + torch.logsumexp(logits, 0) - logits[0]
     return total / len(labels)
+
+
+# ------------------------------------------------- two processes against one (tests/engine/test_trainer_ddp.py,
+# tests/scripts/test_launch.py): the same global batch, one step, resnet18 with synchronised BatchNorm
+TRAIN_WORLD, TRAIN_BATCH, TRAIN_EMB = 2, 8, 32
+
+
+def base_overrides(data, out, batch, extra=()):
+    """The one-step training both sides of a two-process comparison run: ``data`` an image list folder
+    (``train.txt``), ``batch`` images per process, ``extra`` more KEY VALUE overrides."""
+    return ["OUTPUT", str(out), "DATA.TRAIN_LIST", str(data / "train.txt"), "DATA.ROOT", str(data),
+            "MODEL.ARCH", "resnet18", "MODEL.EMB_DIM", str(TRAIN_EMB), "MODEL.PRETRAINED", "false",
+            "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "TRAIN.BATCH_SIZE", str(batch),
+            "TRAIN.EPOCHS", "1", "TRAIN.MAX_ITERS_PER_EPOCH", "1", "TRAIN.PRINT_FREQ", "1",
+            "MODEL.SYNC_BN", "true", "SEED", "1234", *extra]
+
+
+def run_one_process(overrides):
+    """The in-process Trainer on ``overrides``; returns its epoch means (Trainer.fit)."""
+    from advbct.config import load_config
+    from advbct.engine.trainer import Trainer
+
+    return Trainer(load_config(None, overrides)).fit()
+
+
+def load_last(out):
+    import torch
+
+    return torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+
+
+def relative_error(a, b):
+    """‖a − b‖ / ‖b‖: float reduction order differs between 1 and 2 processes, so elementwise
+    tolerances fail on near-zero entries while the tensor as a whole agrees to ~1e-6."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def assert_states_close(a, b, what, tol, rms_floor=1e-6):
+    """Per tensor ‖a − b‖ <= tol·‖b‖ + rms_floor·√n. The floor covers gradients that are analytically
+    zero (a bias right before BatchNorm, e.g. the discriminator's first Linear) and hence pure
+    rounding noise; a real mismatch moves gradients by their own size (~1e-2 here)."""
+    import torch
+
+    assert a.keys() == b.keys(), what
+    for key in a:
+        if not a[key].is_floating_point():  # e.g. num_batches_tracked
+            assert torch.equal(a[key], b[key]), f"{what} {key}"
+            continue
+        x, y = a[key].double(), b[key].double()
+        bound = tol * float(y.norm()) + rms_floor * y.numel() ** 0.5
+        assert float((x - y).norm()) <= bound, f"{what} {key}: relative error {relative_error(x, y)}"
+
+
+def momentum_buffers(state):
+    """The SGD momentum buffers of a checkpoint, by parameter index (after one step: the first gradient)."""
+    opt = state["optimizer"]["state"]
+    return {i: opt[i]["momentum_buffer"] for i in sorted(opt)}

@@ -28,6 +28,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_worker_error_reaches_the_user_as_one_line():
     proc = subprocess.run([sys.executable, "-c", WORKER_ERROR], capture_output=True, text=True)
     assert proc.returncode == 2

@@ -1,6 +1,5 @@
 """Config: defaults, YAML merge, KEY VALUE overrides, and errors that name the key."""
 
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from advbct.config import DEFAULTS, all_keys, describe, load_config, save_config
 from advbct.data.splits import split_by_class
 from advbct.data.synthetic import PRESETS
 from advbct.errors import UserError
+from helpers import REPO
 
 
 def test_defaults_match_paper_hyper_parameters():
@@ -90,8 +90,12 @@ def test_save_config_round_trip(tmp_path):
 
 
 def test_repo_configs_are_valid():
-    """Every YAML under configs/ loads, and each block has one config per paper row, wired together."""
-    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    """Every YAML under configs/ loads, and each block has one config per paper row, wired together: the row's
+    architecture, train list, output folder and starting weights, and for the compatible rows their method,
+    the old model of the same allocation, its meta and its train list. The GLDv2 configs follow the original
+    release's recipe; the synthetic configs' tuned settings (docs/REPRODUCTION.md, "How the synthetic settings
+    were chosen") are not pinned here."""
+    root = REPO / "configs"
     for family in ("gldv2", "synthetic"):
         for block in ("data_r18", "class_r18", "data_r50", "class_r50"):
             alloc, arch = block.split("_")
@@ -105,26 +109,18 @@ def test_repo_configs_are_valid():
             for row in rows:
                 cfg = load_config(str(root / family / block / f"{row}.yml"))
                 assert cfg.MODEL.ARCH == (r18 if row == "old" else arch)
-                # Hot-refresh: the release's objective on GLDv2 (10 hardest negatives of each kind, keys
-                # without gradient); the synthetic tables were made with every negative and key gradient
-                release_hot_refresh = family == "gldv2" and row == "hot_refresh"
-                assert (cfg.COMP_LOSS.TOPK_NEG, cfg.COMP_LOSS.DETACH_KEYS) == ((10, True) if release_hot_refresh
-                                                                               else (0, False))
+                # Hot-refresh on GLDv2: the release's objective (10 hardest negatives of each kind, keys without
+                # gradient); every other row leaves Hot-refresh's options at their defaults
+                if family == "gldv2" and row == "hot_refresh":
+                    assert (cfg.COMP_LOSS.TOPK_NEG, cfg.COMP_LOSS.DETACH_KEYS) == (10, True)
+                elif row != "hot_refresh":
+                    assert (cfg.COMP_LOSS.TOPK_NEG, cfg.COMP_LOSS.DETACH_KEYS) == (0, False)
                 assert cfg.DATA.TRAIN_LIST.endswith(
                     f"_train_{'old_30' if row == 'old' else 'new_100'}percent_{alloc}.txt")
                 assert cfg.OUTPUT.endswith(f"/{alloc}_r18/old" if row == "old" else f"/{block}/{row}")
                 if family == "synthetic":  # old and new start from the pretrained stand-in for ImageNet
                     init = "r18" if row == "old" else block.split("_")[1]
                     assert cfg.MODEL.PRETRAINED_PATH == f"./output/synthetic/pretrain_{init}/final.pth"
-                    assert not cfg.MODEL.ZERO_INIT_RESIDUAL and not cfg.EVAL.AMP
-                    r50 = init == "r50"
-                    # base.yml: every synthetic model trains in NHWC, in bf16 where the CPU computes it natively
-                    # (an R18 block within 30 minutes) and in fp32 elsewhere
-                    assert (cfg.TRAIN.AMP, cfg.TRAIN.CHANNELS_LAST) == ("auto", True)
-                    # every block model 3 epochs (R50s: 3 of 12,051 images beat 5 of 6,010, 2026-12-03)
-                    assert (cfg.TRAIN.EPOCHS, cfg.TRAIN.LR_STEPS) == (3, [2])
-                    # the R50s fine-tune harder (tuning runs of 2026-12-02); the old R18 and R18 rows as the paper
-                    assert (cfg.TRAIN.LR, cfg.TRAIN.WEIGHT_DECAY) == ((0.2, 1e-3) if r50 else (0.1, 5e-4))
                 else:
                     assert cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
                 if row in ("old", "independent"):
@@ -139,46 +135,39 @@ def test_repo_configs_are_valid():
         assert cfg.MODEL.ARCH == f"resnet{arch}" and not cfg.MODEL.PRETRAINED and cfg.MODEL.PRETRAINED_PATH == ""
         assert cfg.DATA.TRAIN_LIST == "./data/synthetic-small/pretrain/train_list.txt" and not cfg.COMP_LOSS.TYPE
         assert cfg.OUTPUT == f"./output/synthetic/pretrain_r{arch}"
-        assert (cfg.TRAIN.LR, cfg.TRAIN.WEIGHT_DECAY) == (0.1, 5e-4)   # not base_r50.yml's fine-tuning recipe
-        assert (cfg.TRAIN.AMP, cfg.TRAIN.CHANNELS_LAST, cfg.TRAIN.EPOCHS) == ("auto", True, 10)
-        assert cfg.MODEL.ZERO_INIT_RESIDUAL == (arch == "50")   # the R18 pretraining predates the option
     files = sorted(root.rglob("*.yml"))
-    # per family: R18 blocks 7 rows + _compatible.yml, R50 blocks 6 + 1, one base.yml; plus test_model.yml
-    # the two synthetic pretraining configs and the synthetic base_r50.yml
-    assert len(files) == 2 * (2 * 8 + 2 * 7 + 1) + 1 + 2 + 1
+    assert root / "test_model.yml" in files
     for f in files:
         load_config(str(f))
 
 
-def test_compatibility_weights_paper_on_real_data_one_tuned_set_per_backbone_on_synthetic():
-    """The GLDv2 configs keep the paper's compatibility weight 1 and threshold 1.0 for every method; the
-    synthetic weights were tuned once per new backbone (class/R18; LCE, UniBCT, Hot-refresh and AdvBCT
-    again on class/R50, docs/REPRODUCTION.md) and both blocks of a backbone use that same set, so no
-    block drifts from what was measured."""
-    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
-    r18 = {"bct": (0.5, 1.0), "lce": (2.0, 1.0), "unibct": (0.25, 1.0), "hot_refresh": (0.1, 1.0),
-           "advbct": (5.0, 0.4)}
-    r50 = {**r18, "lce": (3.0, 1.0), "unibct": (0.35, 1.0), "hot_refresh": (0.15, 1.0),
-           "advbct": (3.0, 0.3)}
-    for block, tuned in (("data_r18", r18), ("class_r18", r18), ("data_r50", r50), ("class_r50", r50)):
-        for m, weight_threshold in tuned.items():
-            real = load_config(str(root / "gldv2" / block / f"{m}.yml")).COMP_LOSS
-            syn = load_config(str(root / "synthetic" / block / f"{m}.yml")).COMP_LOSS
-            assert (real.WEIGHT, real.THRESHOLD) == (1.0, 1.0), (block, m)
-            assert (syn.WEIGHT, syn.THRESHOLD) == weight_threshold, (block, m)
+def test_compatibility_weights_paper_on_real_data_one_set_per_backbone_on_synthetic():
+    """The GLDv2 configs keep the paper's compatibility weight 1 and threshold 1.0 for every method; on the
+    synthetic benchmark the weights were chosen once per new backbone (docs/REPRODUCTION.md, "How the synthetic
+    settings were chosen") and both blocks of a backbone (data and class allocation) use that same set, so no
+    block drifts from what was measured. The chosen values themselves are not pinned here."""
+    root = REPO / "configs"
+    for arch in ("r18", "r50"):
+        for m in ("bct", "lce", "unibct", "hot_refresh", "advbct"):
+            chosen = set()
+            for alloc in ("data", "class"):
+                real = load_config(str(root / "gldv2" / f"{alloc}_{arch}" / f"{m}.yml")).COMP_LOSS
+                syn = load_config(str(root / "synthetic" / f"{alloc}_{arch}" / f"{m}.yml")).COMP_LOSS
+                assert (real.WEIGHT, real.THRESHOLD) == (1.0, 1.0), (alloc, arch, m)
+                chosen.add((syn.WEIGHT, syn.THRESHOLD))
+            assert len(chosen) == 1, (arch, m, chosen)
 
 
 def test_small_preset_leaves_the_old_model_at_least_emb_dim_classes():
     """The small preset's class allocation gives the old model at least as many classes as the synthetic
-    configs' embedding has dimensions: 60 old classes against 256 did not carry compatibility over to
-    unseen landmarks (docs/REPRODUCTION.md, 2026-11-26); 300 did for new ResNet-18s, not for new ResNet-50s
-    (2026-12-03), hence 600."""
+    configs' embedding has dimensions: with fewer, compatibility did not carry over to unseen landmarks
+    (docs/REPRODUCTION.md, "How the synthetic settings were chosen")."""
     small = PRESETS["small"]
     old_classes = int(split_by_class(np.arange(small.train_classes), 0.3)[0].sum())
-    base = pathlib.Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "base.yml"
-    assert old_classes == 600 and old_classes >= load_config(str(base)).MODEL.EMB_DIM == 256
+    assert old_classes >= load_config(str(REPO / "configs" / "synthetic" / "base.yml")).MODEL.EMB_DIM
 
 
+@pytest.mark.slow
 def test_guarded_entry_point_prints_one_line(tmp_path):
     code = ("from advbct.cli import guarded\nfrom advbct.config import load_config\n"
             "guarded(lambda: load_config(None, ['MODEL.ARHC', 'x']))()\n")

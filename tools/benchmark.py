@@ -14,6 +14,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmarks/ as a package
 
+from advbct.io import atomic_open  # noqa: E402
+
 SUITES = ("metrics", "search", "extraction", "losses", "training", "collectives")
 
 
@@ -40,9 +42,8 @@ def main(argv=None):
         return
     print(json.dumps({"machine": machine(), args.suite: result}, indent=1))
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
+        with atomic_open(args.json) as f:
             json.dump(result, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

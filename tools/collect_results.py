@@ -9,7 +9,8 @@ import os
 
 from advbct.cli import guarded
 from advbct.errors import UserError
-from advbct.evaluation.collect import PAPER_ORDER, collect_block, criterion_report
+from advbct.evaluation import test_sets
+from advbct.evaluation.collect import collect_block, criterion_report
 from advbct.evaluation.reporting import fill_scores, load_table, render_markdown, write_json_atomic
 
 
@@ -18,7 +19,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--independent", required=True, help="evaluation folder of φ* (also gives old self-test)")
     p.add_argument("--method", action="append", default=[], help="NAME=FOLDER, repeatable")
-    p.add_argument("--datasets", nargs="+", default=list(PAPER_ORDER))
+    p.add_argument("--datasets", nargs="+", default=list(test_sets.names()),
+                   help="test sets, in the table's column order (default: every registered one, in the "
+                        "paper's order)")
     p.add_argument("--block", default="block", help="block name in the table")
     p.add_argument("--description", default="")
     p.add_argument("--out", required=True, help="table JSON to write (schema of paper_table.json)")

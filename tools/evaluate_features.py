@@ -12,7 +12,8 @@ import numpy as np
 
 from advbct.cli import guarded
 from advbct.errors import UserError
-from advbct.evaluation.protocol import DATASETS, check_features, load_test_set, score
+from advbct.evaluation import test_sets
+from advbct.evaluation.protocol import check_features, load_test_set, score
 from advbct.evaluation.reporting import write_json_atomic
 
 
@@ -31,7 +32,7 @@ def load_features(path, what):
 @guarded
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--dataset", required=True, choices=test_sets.names())
     p.add_argument("--root", required=True, help="dataset root (see Dataset.md)")
     p.add_argument("--query", required=True, help="query features .npy (n_query x d)")
     p.add_argument("--gallery", required=True, help="gallery features .npy (n_gallery x d)")
@@ -42,13 +43,14 @@ def main(argv=None):
     query, gallery = load_features(args.query, "query"), load_features(args.gallery, "gallery")
     check_features(test_set, query, gallery, source=f"--query {args.query}, --gallery {args.gallery}")
     metrics = score(test_set, query, gallery)
-    out = {"dataset": args.dataset, **{k: v for k, v in metrics.items() if k in ("mAP", "mP@k", "mAP@100")}}
+    out = {"dataset": args.dataset, **{k: v for k, v in metrics.items() if k != "n_queries"}}
     if "mAP" in out:
         print("mAP  E {easy:.2f}  M {medium:.2f}  H {hard:.2f}".format(**out["mAP"]))
         for prot in ("easy", "medium", "hard"):
             print(f"mP@k {prot:6s} " + "  ".join(f"@{k} {v:.2f}" for k, v in out["mP@k"][prot].items()))
-    else:
-        print(f"mAP@100 {out['mAP@100']:.2f}")
+    else:  # mAP@100 (GLDv2), or the scalar metrics of another registered test set
+        for key, value in metrics.items():
+            print(f"{key} {value:.2f}")
     if args.json:
         write_json_atomic(args.json, out)
 

@@ -41,6 +41,8 @@ if importlib.util.find_spec("advbct") is None:  # run from a checkout without th
 
 from advbct.cli import guarded  # noqa: E402
 from advbct.errors import UserError  # noqa: E402
+from advbct.io import atomic_open  # noqa: E402
+from advbct.evaluation import test_sets  # noqa: E402
 
 SCHEMA = "advbct-gpu-check/1"
 DEFAULT_OUT = os.path.join("output", "gpu_check", "gpu_check.json")
@@ -65,7 +67,6 @@ SPEEDUP_TARGET = 50.0    # vectorised AdvBCT loss step vs the original's per-sam
 SPEEDUP_METHOD = "advbct"
 
 # the tiny pipeline (step pipeline)
-TEST_SETS = ("rparis6k", "roxford5k", "gldv2")
 NEW_MODELS = ("advbct", "hot_refresh")
 CONFIGS = {"pretrain": "configs/synthetic/pretrain_r18.yml", "old": "configs/synthetic/class_r18/old.yml",
            "advbct": "configs/synthetic/class_r18/advbct.yml",
@@ -196,21 +197,20 @@ def iters_per_epoch(n_images: int, global_batch: int) -> int:
     return max(1, n_images // global_batch)
 
 
-def headline_maps(eval_root: str, models=NEW_MODELS, sets=TEST_SETS) -> dict:
+def headline_maps(eval_root: str, models=NEW_MODELS, sets=None) -> dict:
     """``{"<model>/<set>/self": mAP, "<model>/<set>/cross": mAP, "old/<set>/self": mAP}`` from the
     results.json files scripts/test.sh wrote under ``eval_root/<model>/<set>/`` (Medium mAP on the
-    revisited sets, mAP@100 on GLDv2: the paper's headline numbers)."""
-    from advbct.evaluation.protocol import headline_value
-
+    revisited sets, mAP@100 on GLDv2: the paper's headline numbers); ``sets`` defaults to every registered
+    test set (advbct.evaluation.test_sets)."""
     maps = {}
     for model in models:
-        for name in sets:
+        for name in (test_sets.names() if sets is None else sets):
             path = os.path.join(eval_root, model, name, "results.json")
             with open(path) as f:
                 result = json.load(f)
-            maps[f"{model}/{name}/self"] = float(headline_value(result["self_test"]))
-            maps[f"{model}/{name}/cross"] = float(headline_value(result["cross_test"]))
-            maps.setdefault(f"old/{name}/self", float(headline_value(result["old_self_test"])))
+            maps[f"{model}/{name}/self"] = float(test_sets.headline_value(result["self_test"], name))
+            maps[f"{model}/{name}/cross"] = float(test_sets.headline_value(result["cross_test"], name))
+            maps.setdefault(f"old/{name}/self", float(test_sets.headline_value(result["old_self_test"], name)))
     return maps
 
 
@@ -364,9 +364,8 @@ def pretrain_command(data, out, ngpus):
 
 def test_command(eval_dir, new_ckpt, old_ckpt, data):
     """scripts/test.sh of one new model against the old one on the three test sets (one process group)."""
-    gld, rev = os.path.join(data, "gldv2"), os.path.join(data, "ROxfordParis")
-    cmd = ["bash", "scripts/test.sh", "landmark", ",".join(TEST_SETS), ",".join(gld if s == "gldv2" else rev
-                                                                             for s in TEST_SETS),
+    cmd = ["bash", "scripts/test.sh", "landmark", ",".join(test_sets.names()),
+           ",".join(os.path.join(data, s.synthetic_root) for s in test_sets.specs()),
            "EVAL.IMG_SIZE", str(PIPELINE_IMG), "EVAL.NUM_WORKERS", "1", "EVAL.BATCH_SIZE", "64",
            "EVAL.SAVE_DIR", eval_dir]
     return cmd, {"NEW_MODEL_PATH": new_ckpt, "OLD_MODEL_PATH": old_ckpt, "NEW_MODEL_ARCH": "resnet18",
@@ -455,7 +454,7 @@ def step_pipeline(ctx, record, timeout):
                                     "new": iters_per_epoch(split["new_images"], global_batch)},
                 "precision": "fp32 (TRAIN.AMP none; on the GPUs with NVIDIA_TF32_OVERRIDE=0)",
                 "pretrain_precision": "TRAIN.AMP auto (bf16 on GPUs that compute it natively), NHWC",
-                "models": ["old", *NEW_MODELS], "test_sets": list(TEST_SETS),
+                "models": ["old", *NEW_MODELS], "test_sets": list(test_sets.names()),
                 "faiss_gpu": _faiss_gpu()[0], "generate_seconds": round(time.monotonic() - start, 1)})
     pretrained = os.path.join(ctx.work, "pretrain", "final.pth")
     pre_cmd, pre_env = pretrain_command(data, os.path.dirname(pretrained), ctx.ngpus)
@@ -695,10 +694,8 @@ def overall_status(steps: dict, finished: bool = True) -> str:
 
 
 def write_json(path, report):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_open(path) as f:
         json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def step_summary(step, record):

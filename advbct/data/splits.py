@@ -16,6 +16,7 @@ import numpy as np
 
 from advbct.data.image_list import read_image_list
 from advbct.errors import UserError
+from advbct.io import atomic_open
 
 SEED = 666
 
@@ -55,10 +56,8 @@ def split_by_data(labels, ratio=0.3, seed=SEED):
 
 
 def _write_list(path, paths, labels):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:  # UTF-8, as read_image_list decodes
         f.write("".join(f"{p} {int(l)}\n" for p, l in zip(paths, labels)))
-    os.replace(tmp, path)
 
 
 def make_allocation(list_path, by, ratio=0.3, out_dir=None, dataset="gldv2"):

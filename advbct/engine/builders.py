@@ -1,54 +1,11 @@
 """The one place where config keys become library calls: models, datasets, the compatibility loss."""
 
-import os
-
-
 from advbct.data.image_list import ImageListDataset, read_image_list
 from advbct.data.transforms import train_transform
 from advbct.errors import UserError
 from advbct.losses import build_compat_loss, needs_meta
 from advbct.meta import load_meta
-from advbct.models import build_model, load_checkpoint, load_model_weights
-
-
-def checkpoint_shapes(path, key):
-    """``(embed_dim, num_classes)`` stored in a checkpoint (ours or the original release's format).
-
-    ``key`` is the config key that named the file, for the error message.
-    """
-    if not path:
-        raise UserError(f"{key} is empty: give the checkpoint path")
-    if not os.path.isfile(path):
-        raise UserError(f"{key}: checkpoint not found: {path}")
-    state = load_checkpoint(path)
-    weights = state.get("model", state) if isinstance(state, dict) else state
-    if not isinstance(weights, dict):
-        raise UserError(f"{key}: {path} holds no state dict")
-    weights = {k[7:] if k.startswith("module.") else k: v for k, v in weights.items()}
-    emb = weights.get("embedding.fc.weight", weights.get("projection_dim.weight"))
-    cls = weights.get("classifier.weight", weights.get("projection_cls.weight"))
-    if emb is None:
-        raise UserError(f"{key}: {path} has no embedding layer (embedding.fc.weight / projection_dim.weight)")
-    return int(emb.shape[0]), (int(cls.shape[0]) if cls is not None else 0)
-
-
-def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu"):
-    """Build ``arch`` with the embedding size (and classifier) found in checkpoint ``path`` and load it."""
-    embed_dim, num_classes = checkpoint_shapes(path, key)
-    model = build_model(arch, embed_dim=embed_dim,
-                        num_classes=num_classes if with_classifier else 0, pretrained=False)
-    load_model_weights(model, path)
-    return model.to(device)
-
-
-def check_same_embedding(new_path, old_path):
-    """Cross-test needs one embedding space: refuse models of different sizes before any extraction."""
-    new_dim, _ = checkpoint_shapes(new_path, "NEW_MODEL.WEIGHTS")
-    old_dim, _ = checkpoint_shapes(old_path, "OLD_MODEL.WEIGHTS")
-    if new_dim != old_dim:
-        raise UserError(f"new model {new_path} embeds to {new_dim} dims but old model {old_path} to "
-                        f"{old_dim}: cross-test needs the same embedding size (MODEL.EMB_DIM)")
-    return new_dim
+from advbct.models import build_model, checkpoint_shapes, load_model_weights, load_trained_model
 
 
 def build_train_dataset(cfg, num_classes=None):

@@ -8,10 +8,10 @@ from advbct import distributed as dist
 from advbct.data.image_list import ImageListDataset, read_image_list
 from advbct.data.transforms import eval_transform
 from advbct.data.workers import resolve_num_workers
-from advbct.engine.builders import checkpoint_shapes, load_trained_model
 from advbct.errors import UserError
 from advbct.evaluation.features import extract_features
 from advbct.meta import compute_meta, save_meta
+from advbct.models import checkpoint_shapes, load_trained_model
 
 
 def extract_meta(cfg, progress=True):

@@ -5,10 +5,15 @@ import os
 
 from advbct.errors import UserError
 from advbct.evaluation.collect import read_results
-from advbct.evaluation.reporting import write_json_atomic
+from advbct.io import atomic_path, write_json_atomic
 
-LABELS = {"independent": "phi*", "bct": "BCT", "lce": "LCE", "unibct": "UniBCT",
-          "hot_refresh": "Hot-refresh", "advbct": "AdvBCT", "l2": "L2"}
+
+def model_labels():
+    """Legend label of each model folder: phi* for independent training, each registered compatibility
+    method's plot label (advbct/losses/registry.py; imported here, when a report is drawn)."""
+    from advbct.losses.registry import plot_labels
+
+    return {"independent": "phi*", **plot_labels()}
 
 
 def gather_curves(eval_dir):
@@ -40,7 +45,8 @@ def _axis_and_labels(models):
     differing modes go into the legend so that curves of different units are never taken as alike."""
     modes = {model: refresh_mode(c) for model, c in models.items()}
     xlabel = "gallery refreshed by the new model (%)"
-    labels = {model: LABELS.get(model, model) for model in models}
+    known = model_labels()
+    labels = {model: known.get(model, model) for model in models}
     if len(set(modes.values())) == 1:
         shared = next(iter(modes.values()))
         return (xlabel + (f"\n({shared})" if shared else "")), labels
@@ -68,8 +74,9 @@ def write_backfill_report(eval_dir, out_prefix):
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    tmp = f"{out_prefix}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_prefix + ".png")
+    try:
+        with atomic_path(out_prefix + ".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)  # format named: the temporary file has no .png suffix
+    finally:
+        plt.close(fig)
     return out_prefix + ".json", out_prefix + ".png"

@@ -4,9 +4,8 @@ import json
 import os
 
 from advbct.errors import UserError
+from advbct.evaluation import test_sets
 from advbct.evaluation.protocol import headline
-
-PAPER_ORDER = ("rparis6k", "roxford5k", "gldv2")
 
 
 def read_results(path):
@@ -33,12 +32,13 @@ def _row(result_dirs, datasets, keys, source):
     return row
 
 
-def collect_block(independent_dir, methods, datasets=PAPER_ORDER, description=""):
+def collect_block(independent_dir, methods, datasets=None, description=""):
     """A table dict: ``old.self`` and ``independent`` from φ*'s results, one row per ``methods`` entry.
 
     Every directory holds ``<dataset>/results.json``; each result carries the old model's self-test.
+    ``datasets`` defaults to every registered test set, in the paper's order (advbct.evaluation.test_sets).
     """
-    datasets = list(datasets)
+    datasets = list(test_sets.names() if datasets is None else datasets)
     block = {"description": description,
              "old": _row(independent_dir, datasets, [("old_self", "self")], "old"),
              "independent": _row(independent_dir, datasets, [("self", "self"), ("cross", "cross")], "φ*"),

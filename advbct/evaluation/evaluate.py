@@ -5,16 +5,16 @@ import os
 
 from advbct import distributed as dist
 from advbct.config import save_config
-from advbct.engine.builders import check_same_embedding, load_trained_model
 from advbct.errors import UserError
-from advbct.evaluation import backfill, feature_cache
-from advbct.evaluation.protocol import DATASETS, evaluate_models, load_test_set
-from advbct.evaluation.reporting import write_json_atomic
+from advbct.evaluation import backfill, feature_cache, test_sets
+from advbct.evaluation.protocol import evaluate_models, load_test_set
+from advbct.io import write_json_atomic
+from advbct.models import check_same_embedding, load_trained_model
 
 
 def format_result(result):
-    """Human-readable lines: self/cross (and old self) E/M/H mAP, or mAP@100 for GLDv2; a model evaluated
-    alone (no OLD_MODEL.WEIGHTS) prints a plain self-test line."""
+    """Human-readable lines: self/cross (and old self) E/M/H mAP (revisited), else the test set's headline
+    (mAP@100 for GLDv2); a model evaluated alone (no OLD_MODEL.WEIGHTS) prints a plain self-test line."""
     lines = [f"== {result['dataset']} =="]
     alone = "cross_test" not in result  # one model (scripts/test_old.sh): its self-test, not a new model's
     for key, name in (("self_test", "self-test" if alone else "self-test  (new/new)"),
@@ -22,11 +22,12 @@ def format_result(result):
         if key not in result:
             continue
         m = result[key]
-        if "mAP" in m:
+        if isinstance(m.get("mAP"), dict) and {"easy", "medium", "hard"} <= set(m["mAP"]):
             e, med, h = (m["mAP"][p] for p in ("easy", "medium", "hard"))
             lines.append(f"{name}: mAP E {e:6.2f}  M {med:6.2f}  H {h:6.2f}")
-        else:
-            lines.append(f"{name}: mAP@100 {m['mAP@100']:6.2f}")
+        else:  # any other metric: its headline number, by the name the test set gives it
+            spec = test_sets.get(result["dataset"])
+            lines.append(f"{name}: {spec.metric.name} {spec.headline(m):6.2f}")
     if "backfill" in result:
         b = result["backfill"]
         pts = "  ".join(f"{r:.2f}:{v:.2f}" for r, v in zip(b["ratios"], b["values"]))
@@ -44,9 +45,7 @@ def evaluation_jobs(cfg):
     """
     names = [n.strip() for n in cfg.EVAL.DATASET.split(",")]
     for name in names:
-        if name not in DATASETS:
-            raise UserError(f"EVAL.DATASET: unknown test set '{name}' (expected one of {', '.join(DATASETS)}, "
-                            f"or several of them separated by commas)")
+        test_sets.get(name, "EVAL.DATASET", "or several of them separated by commas")
     if len(set(names)) != len(names):
         raise UserError(f"EVAL.DATASET '{cfg.EVAL.DATASET}': a test set is named twice")
     if len(names) == 1:

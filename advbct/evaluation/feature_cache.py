@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from advbct.errors import UserError, one_line
-from advbct.evaluation.reporting import write_atomic
+from advbct.io import atomic_open
 
 _CHUNK = 1 << 20
 
@@ -76,6 +76,6 @@ def check_directory(directory):
 def save(directory, dataset, key, query, gallery):
     """Write an entry atomically; the path written."""
     path = cache_path(directory, dataset, key)
-    write_atomic(path, lambda f: np.savez(f, key=np.array(key), query=np.asarray(query, np.float32),
-                                          gallery=np.asarray(gallery, np.float32)), binary=True)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, key=np.array(key), query=np.asarray(query, np.float32), gallery=np.asarray(gallery, np.float32))
     return path

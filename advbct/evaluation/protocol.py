@@ -5,52 +5,22 @@ gallery by the old one (PAPER.md "Protocol"). Metrics: revisited Easy/Medium/Har
 ROxford5k/RParis6k, mAP@100 for GLDv2.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from advbct import distributed as dist
-from advbct.data.gldv2 import load_gldv2_test
 from advbct.data.image_list import ImageListDataset
-from advbct.data.revisited import load_revisited
 from advbct.data.transforms import eval_transform
 from advbct.data.workers import resolve_num_workers
 from advbct.errors import UserError, one_line
-from advbct.evaluation import backfill, feature_cache
+from advbct.evaluation import backfill, feature_cache, test_sets
 from advbct.evaluation.backfill import backfill_gallery  # also importable from here, as before
 from advbct.evaluation.features import extract_features
-from advbct.evaluation.metrics import gldv2_map_at_k, revisited_ranking_metrics
-from advbct.evaluation.search import knn_search
-
-REVISITED = ("roxford5k", "rparis6k")
-DATASETS = REVISITED + ("gldv2",)
-GLDV2_TOPK = 100
-
-
-@dataclass
-class TestSet:
-    """Query and gallery image paths with their ground truth, whatever the on-disk format."""
-
-    name: str
-    query_paths: list
-    gallery_paths: list
-    ground_truth: list          # revisited: per-query gnd dicts; gldv2: per-query index arrays
-    query_boxes: object = None  # (n_query, 4) bbx for revisited queries
-
-    @property
-    def is_revisited(self):
-        return self.name in REVISITED
+from advbct.evaluation.test_sets import TestSet  # noqa: F401  (also importable from here, as before)
 
 
 def _read_test_set(name, root, gldv2_split, check_images):
-    if name in REVISITED:
-        ds = load_revisited(root, name, check_images=check_images)
-        return TestSet(name, list(ds.query_paths), list(ds.gallery_paths), ds.gnd, ds.query_bbx)
-    if name == "gldv2":
-        ds = load_gldv2_test(root, split=gldv2_split, check_images=check_images)
-        return TestSet(name, ds.query_paths.tolist(), ds.gallery_paths.tolist(), ds.gt)
-    raise UserError(f"EVAL.DATASET: unknown test set '{name}' (expected one of {', '.join(DATASETS)})")
+    return test_sets.get(name).read(root, gldv2_split, check_images)
 
 
 def load_test_set(name, root, gldv2_split="private", check_images=True):
@@ -96,29 +66,24 @@ def score(test_set, query, gallery):
     """Metrics of one query/gallery feature pair, in percent."""
     query, gallery = _numpy(query), _numpy(gallery)
     check_features(test_set, query, gallery)
-    if test_set.is_revisited:
-        _, ranks = knn_search(query, gallery, k=None)
-        metrics = revisited_ranking_metrics(ranks, test_set.ground_truth)
-        metrics.pop("per_query_ap", None)
-        return metrics
-    _, ranks = knn_search(query, gallery, k=min(GLDV2_TOPK, gallery.shape[0]))
-    return {"mAP@100": gldv2_map_at_k(ranks, test_set.ground_truth, k=GLDV2_TOPK)}
+    return test_set.kind.score(query, gallery, test_set.ground_truth)
 
 
-def headline_value(metrics):
-    """The number the paper's table reports: Medium mAP (revisited) or mAP@100 (GLDv2)."""
-    return metrics["mAP"]["medium"] if "mAP" in metrics else metrics["mAP@100"]
+def headline_value(metrics, dataset=None):
+    """The number the paper's table reports: Medium mAP (revisited) or mAP@100 (GLDv2), by the metric of
+    test set ``dataset`` or, without it, by which headline the dict holds (advbct.evaluation.test_sets)."""
+    return test_sets.headline_value(metrics, dataset)
 
 
 def backfill_curve(test_set, new_query, new_gallery, old_gallery, ratios, seed=-1, unit="image", batch=16):
     """Headline metric per refresh ratio (queries always by the new model), with the unit, batch and seed
     that chose the refreshed rows (see advbct/evaluation/backfill.py)."""
     backfill.check_settings(unit, batch, seed, ratios)
-    values = [headline_value(score(test_set, new_query,
-                                   backfill_gallery(new_gallery, old_gallery, r, seed, unit, batch)))
+    kind = test_set.kind
+    values = [kind.headline(score(test_set, new_query,
+                                  backfill_gallery(new_gallery, old_gallery, r, seed, unit, batch)))
               for r in ratios]
-    return {"ratios": [float(r) for r in ratios], "values": values,
-            "metric": "mAP medium" if test_set.is_revisited else "mAP@100",
+    return {"ratios": [float(r) for r in ratios], "values": values, "metric": kind.metric.name,
             **backfill.describe(unit, batch, seed)}
 
 
@@ -203,5 +168,5 @@ def headline(result):
     out = {}
     for key, name in (("self_test", "self"), ("cross_test", "cross"), ("old_self_test", "old_self")):
         if key in result:
-            out[name] = headline_value(result[key])
+            out[name] = headline_value(result[key], result.get("dataset"))
     return out

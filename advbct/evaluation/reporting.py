@@ -8,13 +8,12 @@ The table schema is that of ``paper_table.json``: ``{"datasets": [...], "blocks"
 import copy
 import json
 import math
-import os
-import tempfile
 
 from advbct.errors import UserError
+from advbct.evaluation import test_sets
 from advbct.evaluation.scores import independent_p_comp, summary_scores
+from advbct.io import write_json_atomic, write_text_atomic
 
-DATASET_NAMES = {"rparis6k": "RParis", "roxford5k": "ROxford", "gldv2": "GLDv2"}
 SCORE_KEYS = ("P_up", "P_comp", "P_1")
 
 
@@ -143,7 +142,7 @@ def _render_block(name, block, datasets, ref_block=None, ref_datasets=()):
 
     ref_block = ref_block or {}
     title = f"### {name}" + (f" — {block['description']}" if block.get("description") else "")
-    header = ["model"] + [f"{DATASET_NAMES.get(d, d)} self / cross" for d in datasets] + list(SCORE_KEYS)
+    header = ["model"] + [f"{test_sets.label(d)} self / cross" for d in datasets] + list(SCORE_KEYS)
     lines = [title, ""]
     if ref_block:
         lines += ["Cells: ours (paper).", ""]
@@ -170,36 +169,6 @@ def render_markdown(table, reference=None):
         for name, block in table["blocks"].items()
     ]
     return "\n\n".join(parts) + "\n"
-
-
-def write_atomic(path, write, binary=False):
-    """Call ``write(f)`` on a temporary file in the target directory (text, or bytes with ``binary``),
-    fsync it, then ``os.replace`` it into place: a reader never sees a partial file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path, obj):
-    """Write ``obj`` as indented JSON to ``path`` atomically (a reader never sees a partial file)."""
-    write_atomic(path, lambda f: (json.dump(obj, f, indent=1, ensure_ascii=False), f.write("\n")))
-
-
-def write_text_atomic(path, text):
-    """Write ``text`` to ``path`` atomically."""
-    write_atomic(path, lambda f: f.write(text))
 
 
 def make_table(from_json, json_out=None, markdown_out=None, reference=None):

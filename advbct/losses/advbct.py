@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from advbct.errors import UserError
-from advbct.losses.adversarial import AdversarialLoss, adversarial_weight, check_schedule
+from advbct.losses.adversarial import SCHEDULES, AdversarialLoss, adversarial_weight, check_schedule
 from advbct.losses.base import CompatibilityLoss
-from advbct.losses.elastic_boundary import ElasticBoundaryLoss
+from advbct.losses.elastic_boundary import FIXED_RADII, ElasticBoundaryLoss
+from advbct.losses.registry import Option, register_method
 from advbct.meta import ClassMeta
 
 
@@ -48,3 +49,29 @@ class AdvBCTLoss(CompatibilityLoss):
             term = term + w * adv
             diagnostics.update(adversarial=adv, alpha=feat_new.new_tensor(alpha), adv_weight=feat_new.new_tensor(w), **diag)
         return term, diagnostics
+
+
+def build_advbct(opts, ctx):
+    return AdvBCTLoss(embed_dim=ctx.embed_dim, num_old_classes=ctx.num_old_classes, total_epochs=ctx.total_epochs,
+                      meta=ctx.meta, boundary=opts.BOUNDARY, adversarial=opts.ADVERSARIAL, elastic=opts.ELASTIC,
+                      fixed_radius=opts.FIXED_RADIUS, threshold=opts.THRESHOLD, schedule=opts.ADV_SCHEDULE,
+                      disc_hidden=opts.DISC_HIDDEN, gamma=opts.GRL_GAMMA, weight=opts.WEIGHT)
+
+
+register_method(
+    "advbct", AdvBCTLoss, label="AdvBCT",
+    needs_meta=lambda opts: opts.BOUNDARY,  # only the elastic boundary reads the old-class meta
+    options=[
+        Option("ELASTIC", True, "advbct: learnable elastic boundary (False: fixed boundary ablation)"),
+        Option("FIXED_RADIUS", "min", "advbct fixed-boundary ablation radius: min (original code) | max",
+               choices=FIXED_RADII),
+        Option("BOUNDARY", True, "advbct: use the boundary term"),
+        Option("ADVERSARIAL", True, "advbct: use the adversarial term"),
+        Option("THRESHOLD", 1.0, "advbct: threshold T of the elastic radius"),
+        Option("ADV_SCHEDULE", "decay", "advbct: adversarial weight (E-e+1)/E ('decay', code) or 1 ('constant')",
+               choices=SCHEDULES),
+        Option("DISC_HIDDEN", 100, "advbct: discriminator hidden units"),
+        Option("GRL_GAMMA", 10.0, "advbct: gradient reversal alpha = 2/(1+exp(-gamma p)) - 1"),
+    ],
+    build=build_advbct,
+)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from advbct.errors import UserError
-from advbct.models.discriminator import Discriminator, grad_reverse, grl_alpha
+from advbct.losses.discriminator import Discriminator, grad_reverse, grl_alpha
 
 SCHEDULES = ("decay", "constant")
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from advbct.losses.base import CompatibilityLoss, masked_mean, old_class_index, old_rows
+from advbct.losses.registry import register_method
 
 
 class BCTLoss(CompatibilityLoss):
@@ -34,3 +35,9 @@ class BCTLoss(CompatibilityLoss):
             ce = F.cross_entropy(feat_new[rows] @ self.old_weight.t(), labels[rows], reduction="sum")
             term = ce / max(rows.numel(), 1)
         return term, {"bct": term, "old_fraction": is_old.float().mean()}
+
+
+register_method(
+    "bct", BCTLoss, label="BCT",  # needs the old classifier: BCTLoss.needs_old_classifier
+    build=lambda opts, ctx: BCTLoss(ctx.old_classifier_weight, ctx.num_old_classes, weight=opts.WEIGHT),
+)

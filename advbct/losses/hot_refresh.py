@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from advbct.distributed import all_gather_with_grad
 from advbct.losses.base import CompatibilityLoss
+from advbct.losses.registry import Option, register_method
 
 
 class HotRefreshLoss(CompatibilityLoss):
@@ -52,3 +53,17 @@ class HotRefreshLoss(CompatibilityLoss):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, temperature={self.temperature}, topk_neg={self.topk_neg}, "
                 f"detach_keys={self.detach_keys}")
+
+
+register_method(
+    "hot_refresh", HotRefreshLoss, label="HotRefresh", plot_label="Hot-refresh",
+    options=[
+        Option("TEMPERATURE", 0.01, "hot_refresh: InfoNCE temperature", valid=lambda t: t > 0, expect="> 0"),
+        Option("TOPK_NEG", 0, "hot_refresh: keep the k hardest negatives of each kind; 0 = all (the release: 10)",
+               valid=lambda k: k >= 0, expect="0 (all negatives) or a positive count"),
+        Option("DETACH_KEYS", False, "hot_refresh: no gradient through the gathered new-to-new keys (the release "
+               "gathers them without gradient); false = gradient through every key"),
+    ],
+    build=lambda opts, ctx: HotRefreshLoss(ctx.num_old_classes, temperature=opts.TEMPERATURE,
+                                           topk_neg=opts.TOPK_NEG, detach_keys=opts.DETACH_KEYS, weight=opts.WEIGHT),
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from advbct.losses.base import CompatibilityLoss
+from advbct.losses.registry import register_method
 
 
 class L2Loss(CompatibilityLoss):
@@ -18,3 +19,9 @@ class L2Loss(CompatibilityLoss):
         diff = F.normalize(feat_new, dim=1) - F.normalize(feat_old, dim=1)
         term = diff.pow(2).sum(1).mean()
         return term, {"l2": term}
+
+
+register_method(
+    "l2", L2Loss, label="L2", paper_row=False,  # not a row of the paper's table
+    build=lambda opts, ctx: L2Loss(ctx.num_old_classes, weight=opts.WEIGHT),
+)

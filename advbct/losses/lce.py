@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from advbct.errors import UserError
 from advbct.losses.base import CompatibilityLoss, masked_mean, old_class_index
+from advbct.losses.registry import Option, register_method
 from advbct.meta import ClassMeta
 
 VARIANTS = ("benchmark", "official")
@@ -70,3 +71,15 @@ class LCELoss(CompatibilityLoss):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, variant={self.variant}, align_weight={self.align_weight}"
 
+
+
+register_method(
+    "lce", LCELoss, label="LCE",  # needs the meta: LCELoss.needs_meta
+    options=[
+        Option("LCE_VARIANT", "benchmark", "lce: benchmark (angular boundary + alignment) | official",
+               choices=VARIANTS),
+        Option("LCE_ALIGN_WEIGHT", 1.0, "lce: weight of the alignment term (official LCE: 100)"),
+    ],
+    build=lambda opts, ctx: LCELoss(ctx.meta, ctx.num_old_classes, variant=opts.LCE_VARIANT,
+                                    align_weight=opts.LCE_ALIGN_WEIGHT, weight=opts.WEIGHT),
+)

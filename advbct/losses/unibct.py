@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from advbct.losses.base import CompatibilityLoss, masked_mean, old_class_index, old_rows
+from advbct.losses.registry import Option, register_method
 from advbct.meta import ClassMeta
 
 
@@ -54,3 +55,14 @@ class UniBCTLoss(CompatibilityLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scale={self.scale}, margin={self.margin}"
+
+
+register_method(
+    "unibct", UniBCTLoss, label="UniBCT",  # needs the meta: UniBCTLoss.needs_meta
+    options=[
+        Option("ARC_SCALE", 30.0, "unibct: ArcFace scale s"),
+        Option("ARC_MARGIN", 0.3, "unibct: ArcFace margin m"),
+    ],
+    build=lambda opts, ctx: UniBCTLoss(ctx.meta, ctx.num_old_classes, scale=opts.ARC_SCALE,
+                                       margin=opts.ARC_MARGIN, weight=opts.WEIGHT),
+)

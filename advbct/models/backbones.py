@@ -24,7 +24,11 @@ from torch import nn
 from advbct.errors import UserError
 from advbct.models.timm_backbone import build_timm_backbone, is_timm_arch, timm_arch_name
 
-__all__ = ["advbct_backbone_state", "available_archs", "build_backbone", "canonical_arch", "default_weights_file"]
+__all__ = ["advbct_backbone_state", "available_archs", "build_backbone", "canonical_arch", "default_weights_file",
+           "register_backbone", "unregister_backbone"]
+
+# Backbones declared by name outside torchvision and timm (register_backbone): name -> builder
+_REGISTERED: dict = {}
 
 # torchvision classifiers that do not fit "features -> final Linear": auxiliary outputs in training
 # mode, or a convolutional classifier.
@@ -45,10 +49,28 @@ _DENSENET_KEY = re.compile(
 )
 
 
+def register_backbone(name: str, builder) -> None:
+    """Declare backbone ``name`` (MODEL.ARCH) built by ``builder(pretrained, weights_path,
+    zero_init_residual) -> (module, out_dim)``: the module maps images (B, 3, H, W) to pooled features
+    (B, out_dim). A forker's backbone is one file calling this, imported by ``advbct/models/__init__.py``."""
+    key = str(name).strip().lower()
+    if not key or key.startswith("timm:") or key in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"backbone name '{name}': empty, timm:-prefixed or a torchvision name")
+    if key in _REGISTERED and _REGISTERED[key] is not builder:
+        raise ValueError(f"backbone '{name}' is already registered")
+    _REGISTERED[key] = builder
+
+
+def unregister_backbone(name: str) -> None:
+    """Remove a backbone declared with :func:`register_backbone` (tests, interactive use)."""
+    _REGISTERED.pop(str(name).strip().lower(), None)
+
+
 def available_archs() -> list[str]:
-    """torchvision names accepted by :func:`build_backbone` (besides ``timm:<name>`` for timm models)."""
+    """Names accepted by :func:`build_backbone`: torchvision's classifiers and the registered backbones
+    (besides ``timm:<name>`` for timm models)."""
     names = torchvision.models.list_models(module=torchvision.models)
-    return sorted(n for n in names if n not in _UNSUPPORTED)
+    return sorted([n for n in names if n not in _UNSUPPORTED] + list(_REGISTERED))
 
 
 def _check_arch(arch: str) -> str:
@@ -166,7 +188,8 @@ def _load_pretrained(model: nn.Module, arch: str, path: str, classifier_prefix: 
 
 def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None = None,
                    zero_init_residual: bool = False):
-    """Build torchvision ``arch`` (or timm ``timm:<name>``) without its classifier; returns ``(module, out_dim)``.
+    """Build torchvision ``arch`` (or timm ``timm:<name>``, or a registered backbone) without its classifier;
+    returns ``(module, out_dim)``.
 
     The module maps images (B, 3, H, W) to pooled features (B, out_dim). Weights: ``weights_path`` when
     given (any non-empty path is loaded, whatever ``pretrained`` says), else with ``pretrained`` the
@@ -179,6 +202,10 @@ def build_backbone(arch: str, pretrained: bool = False, weights_path: str | None
         return build_timm_backbone(arch, pretrained=pretrained, weights_path=weights_path,
                                    zero_init_residual=zero_init_residual)
     name = _check_arch(arch)
+    if name in _REGISTERED:
+        module, out_dim = _REGISTERED[name](pretrained=pretrained, weights_path=weights_path,
+                                            zero_init_residual=zero_init_residual)
+        return module, int(out_dim)
     extra = {}
     if zero_init_residual:
         if not name.startswith(("resnet", "resnext", "wide_resnet")):

@@ -10,7 +10,6 @@ run, and neither yacs nor numpy is imported.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
@@ -22,6 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from advbct.errors import UserError
+from advbct.io import atomic_path
 
 __all__ = ["checkpoint_embed_dim", "load_checkpoint", "load_model_weights", "save_checkpoint"]
 
@@ -64,19 +64,6 @@ def _check_plain(obj, where: str) -> None:
     )
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically: a same-directory temp file, fsync, then ``os.replace``.
 
@@ -86,25 +73,13 @@ def save_checkpoint(path, payload: dict) -> None:
     if type(payload) not in _PLAIN_MAPPINGS:
         raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__qualname__}")
     _check_plain(payload, "payload")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
         unsafe = _unsafe_globals(tmp)
         if unsafe:
             raise TypeError(f"save_checkpoint: payload references Python objects {unsafe[:5]} "
                             "that weights_only loading refuses")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
 
 
 def _unsafe_globals(path: str) -> list:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from advbct.errors import UserError
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
-from advbct.models.discriminator import grad_reverse, grl_alpha
+from advbct.losses.discriminator import grad_reverse, grl_alpha
 
 METHODS = ("advbct", "advbct_boundary", "advbct_adversarial", "lce", "unibct", "bct")
 

@@ -1,0 +1,60 @@
+"""Build the COMP_LOSS section's method from the registry: one generic path for every method."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from advbct.errors import UserError
+from advbct.losses.base import CompatibilityLoss, check_meta
+from advbct.losses.registry import BuildContext, get_method, is_registered
+from advbct.meta import ClassMeta
+
+
+def _configured(comp_cfg: Mapping):
+    """(method declaration, its resolved options) of COMP_LOSS.TYPE, or None for '' or an unknown TYPE."""
+    kind = comp_cfg.get("TYPE", "")
+    if not is_registered(kind):
+        return None
+    method = get_method(kind)
+    return method, method.resolve(comp_cfg)
+
+
+def needs_meta(comp_cfg: Mapping) -> bool:
+    """Whether the configured method reads the old-class meta (COMP_LOSS.META_PATH)."""
+    found = _configured(comp_cfg)
+    return found is not None and found[0].requires_meta(found[1])
+
+
+def needs_old_classifier(comp_cfg: Mapping) -> bool:
+    """Whether the configured method needs the old model's classifier weight (OLD_MODEL.WEIGHTS)."""
+    found = _configured(comp_cfg)
+    return found is not None and found[0].requires_old_classifier(found[1])
+
+
+def build_compat_loss(comp_cfg: Mapping, *, embed_dim: int, num_old_classes: int, total_epochs: int,
+                      meta: ClassMeta | None = None,
+                      old_classifier_weight: torch.Tensor | None = None) -> CompatibilityLoss | None:
+    """Build the COMP_LOSS section's method; ``None`` when TYPE is '' (independent training φ*).
+
+    An unknown TYPE, a bad option value, or missing meta / old classifier for a method that needs them
+    raise a UserError naming the config key, here, before the first training step.
+    """
+    kind = comp_cfg.get("TYPE", "")
+    if kind in ("", None):
+        return None
+    method = get_method(kind)
+    opts = method.checked(comp_cfg)
+    if method.requires_meta(opts):
+        meta = check_meta(meta, method=kind, embed_dim=embed_dim, num_old_classes=num_old_classes)
+    if method.requires_old_classifier(opts):
+        if old_classifier_weight is None:
+            raise UserError(f"COMP_LOSS.TYPE '{kind}' needs the old model's classifier: set OLD_MODEL.WEIGHTS to a "
+                            "checkpoint with a classifier")
+        if tuple(old_classifier_weight.shape) != (num_old_classes, embed_dim):
+            raise UserError(f"OLD_MODEL.WEIGHTS: old classifier weight is {tuple(old_classifier_weight.shape)}, "
+                            f"expected ({num_old_classes}, {embed_dim})")
+    ctx = BuildContext(embed_dim=embed_dim, num_old_classes=num_old_classes, total_epochs=total_epochs, meta=meta,
+                       old_classifier_weight=old_classifier_weight)
+    return method.build(opts, ctx)

@@ -1,0 +1,240 @@
+"""Resumable steps: the items of a pipeline's plan and ``run_steps``, which runs them in order.
+
+A plan is a list of plain data:
+
+- :class:`Step`: a command (an argv list, run from the repository root) whose ``output`` marks it done. A
+  step whose output exists is skipped (``[done] NAME  (OUTPUT)``; every output is written atomically, so
+  existing means complete); otherwise it runs (``[run]  NAME  (log: LOG)``) with its output shown and kept
+  in ``log``. A failing step stops the run in one line, ``error: step 'NAME' failed; log: LOG`` (exit
+  status 1), as does a step that ends without writing its output; the steps completed before it stay as
+  they are. A step without ``output`` always runs, its output shown only (the tables at the end).
+- :class:`EvalStep`: a new model tested against the old one on every test set whose results are missing,
+  all in one ``scripts/test.sh`` process.
+- :class:`Stamp`: the output folders keyed on the data they are built from (:mod:`advbct.pipelines.stamps`).
+- :class:`SyntheticList`: a synthetic benchmark's full train list, read from its ``SYNTHETIC.json`` when
+  the plan reaches it (a benchmark of another format version stops the run there, in one line) and when a
+  step that names it in its command runs.
+- :class:`Note`: a line printed when the plan reaches it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from advbct.errors import UserError
+
+__all__ = ["EvalStep", "Note", "Stamp", "Step", "StepFailed", "SyntheticList", "run_steps", "set_root"]
+
+
+class StepFailed(UserError):
+    """A step's command failed or did not write its output; the message names the step and its log."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class SyntheticList:
+    """The full GLDv2 train list of the synthetic benchmark in ``data`` (a tools/make_synthetic.py output
+    folder), ``DATA/<its SYNTHETIC.json's gldv2.train_list>``; known once the benchmark exists."""
+
+    data: str
+
+    def resolve(self) -> str:
+        from advbct.data.synthetic import read_summary
+
+        return f"{self.data}/{read_summary(self.data)['gldv2']['train_list']}"
+
+    def __str__(self):
+        return f"{self.data}/<train list of {self.data}/SYNTHETIC.json>"
+
+
+def _arg(value) -> str:
+    return value.resolve() if isinstance(value, SyntheticList) else str(value)
+
+
+@dataclass(frozen=True)
+class Step:
+    """``command`` (run from the repository root, ``env`` added to the environment) unless ``output``
+    exists; its console output kept in ``log``. ``output`` None: it always runs, its output only shown,
+    announced as ``[run]  NAME`` (a step without ``name`` runs silently)."""
+
+    name: str | None
+    output: str | None
+    command: tuple
+    log: str | None = None
+    env: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "command", tuple(self.command))
+
+    def argv(self) -> list[str]:
+        """The command with a :class:`SyntheticList` in it resolved (it reads the benchmark's summary)."""
+        return [_arg(a) for a in self.command]
+
+
+def set_root(revisited_root: str, gldv2_root: str, test_set: str) -> str:
+    """The root scripts/test.sh expects for ``test_set``: the GLDv2 root for gldv2, else the revisited one."""
+    return gldv2_root if test_set == "gldv2" else revisited_root
+
+
+@dataclass(frozen=True)
+class EvalStep:
+    """``new`` (architecture ``arch``) tested against ``old`` on every set of ``test_sets`` whose
+    ``eval_dir/<set>/results.json`` is missing, all in one scripts/test.sh process (the models are
+    loaded once, each set's results written as it is scored); ``roots``: the root of each set, in the
+    order of ``test_sets``; ``options``: KEY VALUE pairs after the sets and roots."""
+
+    name: str
+    new: str
+    arch: str
+    old: str
+    eval_dir: str
+    log: str
+    test_sets: tuple
+    roots: tuple
+    options: tuple = ()
+
+    def __post_init__(self):
+        for name in ("test_sets", "roots", "options"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def results(self) -> list[str]:
+        return [f"{self.eval_dir}/{s}/results.json" for s in self.test_sets]
+
+    def step(self, missing=None) -> Step | None:
+        """The step testing the sets whose results are missing now (``missing``: those sets instead); None
+        when none is."""
+        if missing is None:
+            missing = [s for s, path in zip(self.test_sets, self.results()) if not os.path.exists(path)]
+        todo = [s for s in self.test_sets if s in missing]
+        if not todo:
+            return None
+        roots = [r for s, r in zip(self.test_sets, self.roots) if s in todo]
+        # one set alone writes SAVE_DIR/results.json, several write SAVE_DIR/<set>/results.json
+        save = self.eval_dir if len(todo) > 1 else f"{self.eval_dir}/{todo[0]}"
+        return Step(f"{self.name} on {','.join(todo)}", f"{self.eval_dir}/{todo[-1]}/results.json",
+                    ("bash", "scripts/test.sh", "landmark", ",".join(todo), ",".join(roots), *self.options,
+                     "EVAL.SAVE_DIR", save),
+                    self.log, {"NEW_MODEL_PATH": self.new, "OLD_MODEL_PATH": self.old, "NEW_MODEL_ARCH": self.arch})
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Key each folder of ``dirs`` on ``source`` (see :func:`advbct.pipelines.stamps.stamp_outputs`)."""
+
+    source: str
+    dirs: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "dirs", tuple(self.dirs))
+
+
+@dataclass(frozen=True)
+class Note:
+    text: str
+
+
+def _flush():
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _show(chunk: bytes, decoder):
+    """Write a chunk of a command's output to the console as it came (bytes where the console takes them)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None:
+        buffer.write(chunk)
+        buffer.flush()
+    else:
+        sys.stdout.write(decoder.decode(chunk))
+        sys.stdout.flush()
+
+
+def _environment(step: Step):
+    return {**os.environ, **step.env} if step.env else None
+
+
+def _run_logged(step: Step) -> int:
+    """Run the step's command, its output (stdout and stderr together) shown and written to its log."""
+    import codecs
+
+    os.makedirs(os.path.dirname(step.log) or ".", exist_ok=True)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(step.log, "wb") as log:
+        try:
+            proc = subprocess.Popen(step.argv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=_environment(step))
+        except OSError as exc:
+            message = f"{step.command[0]}: {exc.strerror or exc}\n".encode()
+            log.write(message)
+            _show(message, decoder)
+            return 127
+        try:
+            while True:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                _show(chunk, decoder)
+            return proc.wait()
+        except BaseException:
+            # (Ctrl-C reaches the command too: it is in the same process group) let it end, then stop
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+
+
+def run_step(step: Step):
+    """Run one :class:`Step` (see the module's docstring)."""
+    if step.output is None:
+        if step.name:
+            print(f"[run]  {step.name}", flush=True)
+        _flush()
+        rc = subprocess.run(step.argv(), env=_environment(step)).returncode
+        if rc != 0:
+            raise SystemExit(rc)
+        return
+    if os.path.exists(step.output):
+        print(f"[done] {step.name}  ({step.output})", flush=True)
+        return
+    print(f"[run]  {step.name}  (log: {step.log})", flush=True)
+    if _run_logged(step) != 0:
+        raise StepFailed(f"step '{step.name}' failed; log: {step.log}")
+    if not os.path.exists(step.output):
+        raise StepFailed(f"step '{step.name}' ended without writing {step.output}; log: {step.log}")
+
+
+def run_steps(plan):
+    """Run the items of ``plan`` in order, from the current folder (the repository root). A failing step
+    raises :class:`StepFailed` (exit status 1 through ``advbct.cli.guarded``), a refusal (stale data, a
+    benchmark of another format) a :class:`~advbct.errors.UserError`; a step without output that fails
+    exits with its command's status."""
+    from advbct.pipelines.stamps import stamp_outputs
+
+    for item in plan:
+        if isinstance(item, Step):
+            run_step(item)
+        elif isinstance(item, EvalStep):
+            step = item.step()
+            if step is None:
+                print(f"[done] {item.name}  ({item.eval_dir}/{{{','.join(item.test_sets)}}}/results.json)",
+                      flush=True)
+            else:
+                run_step(step)
+        elif isinstance(item, Stamp):
+            stamp_outputs(item.source, item.dirs)
+        elif isinstance(item, SyntheticList):
+            item.resolve()
+        elif isinstance(item, Note):
+            print(item.text, flush=True)
+        else:
+            raise TypeError(f"not a pipeline item: {item!r}")
