@@ -11,7 +11,8 @@ from advbct.cli import guarded
 from advbct.errors import UserError
 from advbct.evaluation import test_sets
 from advbct.evaluation.collect import collect_block, criterion_report
-from advbct.evaluation.reporting import fill_scores, load_table, render_markdown, write_json_atomic
+from advbct.evaluation.reporting import fill_scores, load_table, render_markdown
+from advbct.io import write_json_atomic, write_text_atomic
 
 
 @guarded
@@ -44,7 +45,6 @@ def main(argv=None):
     write_json_atomic(args.out, table)
     md = render_markdown(table, reference=load_table(args.reference) if args.reference else None)
     if args.markdown:
-        from advbct.evaluation.reporting import write_text_atomic
         write_text_atomic(args.markdown, md)
     print(md)
     if args.criterion:

@@ -14,7 +14,7 @@ from advbct.cli import guarded
 from advbct.errors import UserError
 from advbct.evaluation import test_sets
 from advbct.evaluation.protocol import check_features, load_test_set, score
-from advbct.evaluation.reporting import write_json_atomic
+from advbct.io import write_json_atomic
 
 
 def load_features(path, what):
@@ -24,6 +24,8 @@ def load_features(path, what):
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise UserError(f"--{what}: {path} is not a .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        raise UserError(f"--{what}: {path} is not a .npy array (an .npz archive?)")
     if not np.issubdtype(arr.dtype, np.number):
         raise UserError(f"--{what}: {path} holds {arr.dtype} values, expected numbers")
     return arr.astype(np.float32, copy=False)
@@ -49,8 +51,9 @@ def main(argv=None):
         for prot in ("easy", "medium", "hard"):
             print(f"mP@k {prot:6s} " + "  ".join(f"@{k} {v:.2f}" for k, v in out["mP@k"][prot].items()))
     else:  # mAP@100 (GLDv2), or the scalar metrics of another registered test set
-        for key, value in metrics.items():
-            print(f"{key} {value:.2f}")
+        for key, value in out.items():
+            if key != "dataset":
+                print(f"{key} {value:.2f}")
     if args.json:
         write_json_atomic(args.json, out)
 

@@ -687,10 +687,8 @@ def _nvidia_driver():
         return None
 
 
-def overall_status(steps: dict, finished: bool = True) -> str:
-    if any(r["status"] == "failed" for r in steps.values()):
-        return "failed"
-    return "ok" if finished else "incomplete"
+def overall_status(steps: dict) -> str:
+    return "failed" if any(r["status"] == "failed" for r in steps.values()) else "ok"
 
 
 def write_json(path, report):

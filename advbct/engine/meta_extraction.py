@@ -1,7 +1,5 @@
 """Embed the old model's training list with the frozen old model and write the class meta file."""
 
-import os
-
 import torch
 
 from advbct import distributed as dist
@@ -38,7 +36,6 @@ def extract_meta(cfg, progress=True):
     meta = None
     if dist.is_main_process():
         meta = compute_meta(feats, torch.as_tensor(labels), num_classes)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save_meta(out, meta)
     dist.barrier()
     return meta

@@ -11,11 +11,15 @@ from advbct.evaluation.protocol import headline
 def read_results(path):
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            result = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: results file not found (run scripts/test.sh first)") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(result, dict):
+        raise UserError(f"{path}: expected a JSON object (the results.json of scripts/test.sh), got "
+                        f"{type(result).__name__}")
+    return result
 
 
 def _row(result_dirs, datasets, keys, source):
@@ -24,7 +28,10 @@ def _row(result_dirs, datasets, keys, source):
         values = []
         for d in datasets:
             path = os.path.join(result_dirs, d, "results.json")
-            h = headline(read_results(path))
+            try:
+                h = headline(read_results(path))
+            except (KeyError, TypeError) as exc:
+                raise UserError(f"{path}: no headline metric ({exc})") from None
             if key not in h:
                 raise UserError(f"{path}: no {key} result (was the old model given to scripts/test.sh?)")
             values.append(round(h[key], 4))

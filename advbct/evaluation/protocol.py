@@ -17,6 +17,7 @@ from advbct.evaluation import backfill, feature_cache, test_sets
 from advbct.evaluation.backfill import backfill_gallery  # also importable from here, as before
 from advbct.evaluation.features import extract_features
 from advbct.evaluation.test_sets import TestSet  # noqa: F401  (also importable from here, as before)
+from advbct.evaluation.test_sets import headline_value  # Medium mAP (revisited) or mAP@100 (GLDv2)
 
 
 def _read_test_set(name, root, gldv2_split, check_images):
@@ -67,12 +68,6 @@ def score(test_set, query, gallery):
     query, gallery = _numpy(query), _numpy(gallery)
     check_features(test_set, query, gallery)
     return test_set.kind.score(query, gallery, test_set.ground_truth)
-
-
-def headline_value(metrics, dataset=None):
-    """The number the paper's table reports: Medium mAP (revisited) or mAP@100 (GLDv2), by the metric of
-    test set ``dataset`` or, without it, by which headline the dict holds (advbct.evaluation.test_sets)."""
-    return test_sets.headline_value(metrics, dataset)
 
 
 def backfill_curve(test_set, new_query, new_gallery, old_gallery, ratios, seed=-1, unit="image", batch=16):

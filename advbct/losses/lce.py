@@ -72,7 +72,6 @@ class LCELoss(CompatibilityLoss):
         return f"{super().extra_repr()}, variant={self.variant}, align_weight={self.align_weight}"
 
 
-
 register_method(
     "lce", LCELoss, label="LCE",  # needs the meta: LCELoss.needs_meta
     options=[

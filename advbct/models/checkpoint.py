@@ -238,18 +238,19 @@ def _first(keys: list, n: int = 5) -> str:
     return f"{keys[:n]}{more}"
 
 
-def load_model_weights(model: torch.nn.Module, path, strict: bool = True) -> dict:
+def load_model_weights(model: torch.nn.Module, path, strict: bool = True, *, checkpoint: dict | None = None) -> dict:
     """Load weights into a :class:`RetrievalModel` from our checkpoints, bare or DDP state dicts, or the
     original AdvBCT release; returns info (format, config, epoch, embed_dim, num_classes, key lists).
 
     A DDP/DataParallel wrapper is looked through. Classifier weights are dropped when ``model`` has
     none (evaluation models). Shape mismatches, and with ``strict`` missing/unexpected keys, raise a
-    UserError naming the checkpoint and the keys.
+    UserError naming the checkpoint and the keys. ``checkpoint``: the dict :func:`load_checkpoint` already
+    read from ``path`` (then the file is not read again).
     """
     if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module
     path = os.fspath(path)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if checkpoint is None else checkpoint
     state, container = _state_dict_of(ckpt, path)
     state, ddp, original, dropped = _normalise_keys(state)
     num_classes = int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0

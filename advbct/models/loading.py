@@ -13,17 +13,17 @@ from advbct.models.network import build_model
 __all__ = ["check_same_embedding", "checkpoint_shapes", "load_trained_model"]
 
 
-def checkpoint_shapes(path, key):
-    """``(embed_dim, num_classes)`` stored in a checkpoint (ours or the original release's format).
-
-    ``key`` is the config key that named the file, for the error message.
-    """
+def _read(path, key) -> dict:
+    """The checkpoint dict at ``path``; UserError naming config ``key`` when it is empty or absent."""
     if not path:
         raise UserError(f"{key} is empty: give the checkpoint path")
     if not os.path.isfile(path):
         raise UserError(f"{key}: checkpoint not found: {path}")
-    state = load_checkpoint(path)
-    weights = state.get("model", state) if isinstance(state, dict) else state
+    return load_checkpoint(path)
+
+
+def _shapes(state, path, key) -> tuple[int, int]:
+    weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise UserError(f"{key}: {path} holds no state dict")
     weights = {k[7:] if k.startswith("module.") else k: v for k, v in weights.items()}
@@ -34,12 +34,22 @@ def checkpoint_shapes(path, key):
     return int(emb.shape[0]), (int(cls.shape[0]) if cls is not None else 0)
 
 
+def checkpoint_shapes(path, key):
+    """``(embed_dim, num_classes)`` stored in a checkpoint (ours or the original release's format).
+
+    ``key`` is the config key that named the file, for the error message.
+    """
+    return _shapes(_read(path, key), path, key)
+
+
 def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu"):
-    """Build ``arch`` with the embedding size (and classifier) found in checkpoint ``path`` and load it."""
-    embed_dim, num_classes = checkpoint_shapes(path, key)
+    """Build ``arch`` with the embedding size (and classifier) found in checkpoint ``path`` and load it
+    (the file is read once, for its shapes and its weights)."""
+    ckpt = _read(path, key)
+    embed_dim, num_classes = _shapes(ckpt, path, key)
     model = build_model(arch, embed_dim=embed_dim,
                         num_classes=num_classes if with_classifier else 0, pretrained=False)
-    load_model_weights(model, path)
+    load_model_weights(model, path, checkpoint=ckpt)
     return model.to(device)
 
 

@@ -24,7 +24,7 @@ from advbct.errors import UserError
 from advbct.pipelines.steps import EvalStep, Note, Stamp, Step, SyntheticList
 
 __all__ = ["ABLATION_USAGE", "ABLATION_VARIANTS", "ALLOCATIONS", "BACKBONES", "Block", "TABLE_USAGE",
-           "UsageError", "ablation_steps", "block_steps", "config_value", "old_checkpoint_name",
+           "UsageError", "ablation_steps", "block_steps", "old_checkpoint_name",
            "parse_block_args", "prepare_steps", "pretrain_step", "resolve_block", "set_roots",
            "synthetic_overrides", "table_steps"]
 
@@ -77,6 +77,13 @@ def set_roots(data=None):
     return tuple((s.name, f"{data}/{s.synthetic_root}") for s in specs)
 
 
+def _check_block(alloc, backbone):
+    if alloc not in ALLOCATIONS:
+        raise UserError(f"unknown allocation '{alloc}' (expected data or class)")
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone '{backbone}' (expected r18 or r50)")
+
+
 class UsageError(UserError):
     """Too few arguments: the usage line alone, exit status 2."""
 
@@ -101,30 +108,14 @@ def parse_block_args(argv, usage=TABLE_USAGE):
                 raise UserError("--old-epoch needs an epoch (e.g. 10, as the release)")
         else:
             raise UserError(f"unknown argument '{arg}'; {usage}")
-    if alloc not in ALLOCATIONS:
-        raise UserError(f"unknown allocation '{alloc}' (expected data or class)")
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone '{backbone}' (expected r18 or r50)")
+    _check_block(alloc, backbone)
     return alloc, backbone, preset, old_epoch
 
 
-def config_value(config, key, overrides=()):
-    """The resolved value of ``key`` (e.g. MODEL.ARCH) in ``config`` with the KEY VALUE ``overrides``."""
-    from advbct.config import load_config
-
-    node = load_config(config, list(overrides))
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def old_checkpoint_name(old_config, epoch, overrides=()):
-    """The checkpoint the old model's training leaves for ``epoch`` (a string, as given on the command line):
-    final.pth for its last epoch, epoch_N.pth every TRAIN.SAVE_FREQ epochs; any other epoch is a UserError
-    listing the epochs it keeps."""
-    from advbct.config import load_config
-
-    train = load_config(old_config, list(overrides)).TRAIN
+def old_checkpoint_name(old_config, epoch, train):
+    """The checkpoint the old model's training (``train``: the TRAIN node of ``old_config``, loaded) leaves
+    for ``epoch`` (a string, as given on the command line): final.pth for its last epoch, epoch_N.pth every
+    TRAIN.SAVE_FREQ epochs; any other epoch is a UserError listing the epochs it keeps."""
     kept = sorted(set(range(train.SAVE_FREQ, train.EPOCHS + 1, train.SAVE_FREQ)) | {train.EPOCHS})
     if not epoch.isdigit() or int(epoch) not in kept:
         raise UserError(f"--old-epoch {epoch}: the old model ({old_config}) keeps the checkpoints of epochs "
@@ -206,10 +197,9 @@ def resolve_block(alloc, backbone, preset=None, old_epoch=None, data=None):
     ./data/synthetic-<preset>); ``old_epoch`` (a string): the compatible rows use the old model's
     checkpoint of that epoch instead of its final one, with their own meta and output folder. Reads the
     configs (architectures, the old model's schedule); a mistake is a one-line UserError."""
-    if alloc not in ALLOCATIONS:
-        raise UserError(f"unknown allocation '{alloc}' (expected data or class)")
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone '{backbone}' (expected r18 or r50)")
+    from advbct.config import load_config
+
+    _check_block(alloc, backbone)
     name = f"{alloc}_{backbone}"
     if preset:
         cfg = f"configs/synthetic/{name}"
@@ -239,15 +229,16 @@ def resolve_block(alloc, backbone, preset=None, old_epoch=None, data=None):
     # Which old model the compatible rows train against and are tested with: by default the final one (the
     # paper's protocol), with old_epoch its checkpoint of that epoch (the release's compatible configs load
     # epoch 10), which the old model's training keeps; such a block gets its own meta and output folder.
+    old_config = load_config(old_cfg, list(data_opts))
     old, meta, old_tag = f"{old_dir}/final.pth", f"{old_dir}/meta.pt", ""
     if old_epoch:
-        checkpoint = old_checkpoint_name(old_cfg, old_epoch, data_opts)
+        checkpoint = old_checkpoint_name(old_cfg, old_epoch, old_config.TRAIN)
         old = f"{old_dir}/{checkpoint}"
         if checkpoint != "final.pth":
             meta, old_tag = f"{old_dir}/meta_epoch{old_epoch}.pt", f"_old-epoch{old_epoch}"
     out = f"./output/reproduce/{name}{tag}{old_tag}"
-    new_arch = str(config_value(f"{cfg}/independent.yml", "MODEL.ARCH"))
-    old_arch = str(config_value(old_cfg, "MODEL.ARCH"))
+    new_arch = str(load_config(f"{cfg}/independent.yml").MODEL.ARCH)
+    old_arch = str(old_config.MODEL.ARCH)
     return Block(alloc=alloc, backbone=backbone, preset=preset or None, old_epoch=old_epoch or None, data=data,
                  cfg=cfg, tag=tag, roots=roots, data_opts=data_opts, eval_opts=eval_opts, pretrain_root=pretrain_root,
                  old_init=old_init, new_init=new_init, old_cfg=old_cfg, old_dir=old_dir, old=old, meta=meta, out=out,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from advbct.errors import UserError
 
-__all__ = ["EvalStep", "Note", "Stamp", "Step", "StepFailed", "SyntheticList", "run_steps", "set_root"]
+__all__ = ["EvalStep", "Note", "Stamp", "Step", "StepFailed", "SyntheticList", "run_steps"]
 
 
 class StepFailed(UserError):
@@ -73,11 +73,6 @@ class Step:
     def argv(self) -> list[str]:
         """The command with a :class:`SyntheticList` in it resolved (it reads the benchmark's summary)."""
         return [_arg(a) for a in self.command]
-
-
-def set_root(revisited_root: str, gldv2_root: str, test_set: str) -> str:
-    """The root scripts/test.sh expects for ``test_set``: the GLDv2 root for gldv2, else the revisited one."""
-    return gldv2_root if test_set == "gldv2" else revisited_root
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,23 @@ def test_collect_block_schema_values_and_criterion(tmp_path):
     assert not ok                                                      # 39 <= 40 on roxford5k
     assert "AdvBCT on rparis6k: cross-test 61.00 > old self-test 60.00 -> compatible" in lines
     assert "AdvBCT on roxford5k: cross-test 39.00 <= old self-test 40.00 -> NOT compatible" in lines
+
+
+def test_a_results_file_without_a_headline_is_one_line_naming_it(tmp_path):
+    import json
+
+    import pytest
+
+    from advbct.errors import UserError
+
+    for ds in ("rparis6k", "roxford5k", "gldv2"):
+        write_results(tmp_path / "ind" / ds, ds, 70.0, 5.0, 60.0)
+    bad = tmp_path / "ind" / "gldv2" / "results.json"
+    bad.write_text(json.dumps({"dataset": "gldv2", "self_test": {"recall@1": 3.0}}))
+    with pytest.raises(UserError, match="no headline metric") as err:
+        collect_block(tmp_path / "ind", {})
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    bad.write_text("[]")
+    with pytest.raises(UserError, match="expected a JSON object") as err:
+        collect_block(tmp_path / "ind", {})
+    assert str(bad) in str(err.value)

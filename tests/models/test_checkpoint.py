@@ -330,3 +330,25 @@ def test_original_config_cannot_smuggle_code(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="refusing to load"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_load_trained_model_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    import advbct.models.checkpoint as checkpoint_module
+    import advbct.models.loading as loading_module
+    from advbct.models import load_trained_model
+
+    model = _tiny_model(num_classes=3, embed_dim=8)
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, {"model": model.state_dict()})
+    reads = []
+
+    def counting_load(p, *args, **kwargs):
+        reads.append(os.fspath(p))
+        return load_checkpoint(p, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", counting_load)
+    monkeypatch.setattr(loading_module, "load_checkpoint", counting_load)
+    rebuilt = load_trained_model("resnet18", str(path), "NEW_MODEL.WEIGHTS", with_classifier=True)
+    assert reads == [str(path)]
+    assert (rebuilt.spec["embed_dim"], rebuilt.spec["num_classes"]) == (8, 3)
+    _assert_same_state(rebuilt.state_dict(), model.state_dict())

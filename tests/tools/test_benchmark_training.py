@@ -24,6 +24,13 @@ def _args(training, *extra):
     return parser.parse_args([*TINY, *extra])
 
 
+
+def images_per_second_fits(fig, batch):
+    """img/s comes from the unrounded step time and step_ms is rounded to 0.01 ms: img/s (rounded to 0.1)
+    must lie within what any step time that rounds to step_ms gives."""
+    ms = fig["step_ms"]
+    return 1000.0 * batch / (ms + 0.005) - 0.05 <= fig["img_per_s"] <= 1000.0 * batch / (ms - 0.005) + 0.05
+
 def test_figures_are_consistent(benchmark_cli, tmp_path):
     """Without warm-up the one timed step is the first: both figures describe the same step."""
     cli, _ = benchmark_cli
@@ -38,8 +45,12 @@ def test_figures_are_consistent(benchmark_cli, tmp_path):
         fig = cpu[kind]
         assert fig["step_ms"] > 0
         assert abs(fig["first_step_s"] * 1000.0 - fig["step_ms"]) <= 5.01   # rounded to 10 ms
-        assert fig["img_per_s"] == round(4 / fig["step_ms"] * 1000.0, 1)
+        assert images_per_second_fits(fig, batch=4)
     assert cpu["advbct_time_ratio"] == round(cpu["advbct"]["step_ms"] / cpu["plain"]["step_ms"], 3)
+    old = cpu["old_forward"]
+    assert old["step_ms"] > 0 and images_per_second_fits(old, batch=4)
+    expected = (cpu["advbct"]["step_ms"] - cpu["plain"]["step_ms"] - old["step_ms"]) / cpu["plain"]["step_ms"]
+    assert cpu["advbct_overhead"] == round(expected, 4)
 
 
 def test_compile_wraps_the_new_model_only(benchmark_cli):

@@ -149,7 +149,7 @@ def test_gldv2_json_schema_and_value(tiny_synthetic, tmp_path, capsys):
     assert f"mAP@100 {ref:.2f}" in stdout
 
 
-@pytest.mark.parametrize("case", ["rows", "dims", "nan", "missing", "not_npy"])
+@pytest.mark.parametrize("case", ["rows", "dims", "nan", "missing", "not_npy", "npz"])
 def test_bad_features_exit_2_with_one_line(rox, tmp_path, capsys, case):
     root, ts = rox
     nq, ng = len(ts.query_paths), len(ts.gallery_paths)
@@ -167,6 +167,10 @@ def test_bad_features_exit_2_with_one_line(rox, tmp_path, capsys, case):
     elif case == "missing":
         qp = str(tmp_path / "absent.npy")
         expected = [qp, "not found"]
+    elif case == "npz":
+        with open(qp, "wb") as f:
+            np.savez(f, query=query)
+        expected = [qp, "not a .npy array"]
     else:
         Path(qp).write_text("not an array")
         expected = [qp, "not a .npy array"]

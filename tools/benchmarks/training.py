@@ -65,6 +65,26 @@ def random_meta(num_classes: int, dim: int, gen: torch.Generator) -> ClassMeta:
                      theta_max=torch.empty(num_classes).uniform_(0.3, 1.2, generator=gen))
 
 
+def frozen_old_model(args, arch, device):
+    """The old model as AdvBCT's step holds it: eval mode, no gradients, in the step's memory format."""
+    old_model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.old_classes)
+    return old_model.to(device, memory_format=memory_format(args.channels_last)).eval().requires_grad_(False)
+
+
+def _timed(args, device, work):
+    """Seconds of each of ``args.warmup + args.steps`` calls of ``work`` (which waits for its result)."""
+    times = []
+    for _ in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def make_stepper(args, arch, device, amp, advbct, gen):
     """A stand-in ``self`` for ``Trainer._step`` holding exactly what the step reads (world size 1)."""
     fmt = memory_format(args.channels_last)
@@ -72,8 +92,7 @@ def make_stepper(args, arch, device, amp, advbct, gen):
     model.train()
     old_model, comp = None, None
     if advbct:
-        old_model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.old_classes)
-        old_model.to(device, memory_format=fmt).eval().requires_grad_(False)
+        old_model = frozen_old_model(args, arch, device)
         comp = build_compat_loss({"TYPE": "advbct"}, embed_dim=args.emb_dim, num_old_classes=args.old_classes,
                                  total_epochs=30, meta=random_meta(args.old_classes, args.emb_dim, gen)).to(device)
     params = list(model.parameters()) + ([p for p in comp.parameters() if p.requires_grad] if comp else [])
@@ -92,16 +111,9 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
     is_old = torch.rand(batch, generator=gen) < args.old_fraction
     labels = torch.where(is_old, torch.randint(0, args.old_classes, (batch,), generator=gen),
                          torch.randint(args.old_classes, args.num_classes, (batch,), generator=gen)).to(device)
-    times = []   # every step's, warm-up included: the first one (compilation, if any) is reported apart
-    for _ in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        terms = Trainer._step(stepper, images, labels, 0, 0.5)
-        float(terms["total"])  # waits for the step; a NaN here would mean a broken benchmark
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    # float() waits for the step; every step is timed, warm-up included: the first one (compilation, if
+    # any) is reported apart
+    times = _timed(args, device, lambda: float(Trainer._step(stepper, images, labels, 0, 0.5)["total"]))
     ms = statistics.median(times[args.warmup:]) * 1000.0
     return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1), "first_step_s": round(times[0], 2)}
 
@@ -109,22 +121,14 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
 def time_old_forward(args, arch, device, size, batch, amp, gen):
     """Median time (ms) of the frozen old model's forward alone, as ``Trainer._step`` runs it for AdvBCT
     (``old_model.embed(images)`` under no_grad, in the step's autocast and memory format)."""
-    fmt = memory_format(args.channels_last)
-    old_model = build_model(arch, embed_dim=args.emb_dim, num_classes=args.old_classes)
-    old_model.to(device, memory_format=fmt).eval().requires_grad_(False)
-    images = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=fmt)
-    times = []
-    for _ in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    old_model = frozen_old_model(args, arch, device)
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=memory_format(args.channels_last))
+
+    def forward():
         with torch.no_grad(), autocast_context(amp, device):
-            feat = old_model.embed(images).float()
-        float(feat[0, 0])  # waits for the forward
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    ms = statistics.median(times[args.warmup:]) * 1000.0
+            float(old_model.embed(images).float()[0, 0])  # waits for the forward
+
+    ms = statistics.median(_timed(args, device, forward)[args.warmup:]) * 1000.0
     return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1)}
 
 
