@@ -57,6 +57,9 @@ DEFAULTS = {
         "CROP_SCALE": ([0.5, 1.0], "crop_flip: [min, max] fraction of the image area kept"),
         "NUM_WORKERS": (-1, "DataLoader worker processes per rank; -1 = auto: min(8, CPUs / local ranks - 1) "
                         "(advbct/data/workers.py)"),
+        "DECODE": ("pil", "image decoding in training, meta extraction and evaluation: pil (the release's) | "
+                   "pil_draft (JPEGs decoded at 1/2-1/8 scale in the DCT domain, never below the resize's size) | "
+                   "nvjpeg (decoded, resized and normalised on the CUDA GPU; JPEG only); advbct/data/decoding.py"),
     },
     "META": {
         "TRAIN_LIST": ("", "old model's training list, embedded by scripts/extract_meta.sh"),

@@ -97,33 +97,61 @@ def read_image_list(path, root=None, num_classes=None):
     return _join_root(root, paths), labels
 
 
-def load_image(path, box=None):
-    """Decode ``path`` as an RGB PIL image, optionally cropped to ``box`` = (x1, y1, x2, y2) in pixels."""
+def crop_box(box, width, height):
+    """``box`` = (x1, y1, x2, y2) in pixels, rounded as revisitop and clipped to a ``width`` x ``height``
+    image (at least one pixel), so a sloppy box cannot fail."""
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    x1, x2 = max(0, min(x1, width - 1)), max(1, min(x2, width))
+    y1, y2 = max(0, min(y1, height - 1)), max(1, min(y2, height))
+    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
+
+
+def _draft(img, box, min_size):
+    """Ask the JPEG decoder of ``img`` for a 1/2, 1/4 or 1/8 scale (DCT-domain, PIL's ``draft``) that keeps
+    the region ``box`` (or the whole image) at least ``min_size`` = (w, h) pixels; return ``box`` in the
+    pixels of the reduced image."""
+    w, h = img.size
+    x1, y1, x2, y2 = (0, 0, w, h) if box is None else crop_box(box, w, h)
+    # the whole image at this size keeps the region >= min_size; draft picks the largest scale 1/s with
+    # ceil(w / s) >= requested width and the same for the height
+    need = (-(-w * min_size[0] // (x2 - x1)), -(-h * min_size[1] // (y2 - y1)))
+    img.draft("RGB", need)
+    if box is None or img.size == (w, h):
+        return box
+    fx, fy = img.size[0] / w, img.size[1] / h
+    return (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+
+
+def load_image(path, box=None, draft=None):
+    """Decode ``path`` as an RGB PIL image, optionally cropped to ``box`` = (x1, y1, x2, y2) in pixels.
+
+    ``draft`` = (w, h): a JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still leaves the
+    image, or the box, at least that many pixels (other formats are decoded whole)."""
     try:
         with Image.open(path) as img:
+            if draft is not None and img.format == "JPEG":
+                box = _draft(img, box, draft)
             img = img.convert("RGB")
     except FileNotFoundError:
         raise UserError(f"{path}: image not found (see Dataset.md)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
     if box is not None:
-        # revisitop crops with the rounded box; clip it to the image so a sloppy box cannot fail
-        w, h = img.size
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        x1, x2 = max(0, min(x1, w - 1)), max(1, min(x2, w))
-        y1, y2 = max(0, min(y1, h - 1)), max(1, min(y2, h))
-        img = img.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
+        img = img.crop(crop_box(box, *img.size))
     return img
 
 
 class ImageListDataset(torch.utils.data.Dataset):
     """Images given by path, with optional labels and crop boxes; items are ``(image, label, index)``.
 
+    ``image_input`` (advbct/data/decoding.py) says what a worker makes of an image file (a uint8 tensor,
+    or the file's bytes for GPU decoding), how items are batched (:meth:`collate`) and how a batch becomes
+    normalised model input on a device (:meth:`to_device`); without it items are RGB PIL images.
     ``label`` is -1 when no labels are given. Paths are kept in a numpy string array (no per-item Python
     objects, so forked DataLoader workers share the memory instead of copying it).
     """
 
-    def __init__(self, paths, labels=None, transform=None, boxes=None, root=None):
+    def __init__(self, paths, labels=None, image_input=None, boxes=None, root=None):
         self.paths = _join_root(root, np.asarray(paths, dtype=str).reshape(-1))
         n = len(self.paths)
         if labels is None:
@@ -135,14 +163,23 @@ class ImageListDataset(torch.utils.data.Dataset):
         self.boxes = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if self.boxes is not None and len(self.boxes) != n:
             raise ValueError(f"{len(self.boxes)} boxes for {n} paths")
-        self.transform = transform
+        self.image_input = image_input
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        box = None if self.boxes is None else self.boxes[index]
-        img = load_image(str(self.paths[index]), box)
-        if self.transform is not None:
-            img = self.transform(img)
+        box = None if self.boxes is None else tuple(self.boxes[index])
+        path = str(self.paths[index])
+        img = load_image(path, box) if self.image_input is None else self.image_input.read(path, box)
         return img, int(self.labels[index]), int(index)
+
+    def collate(self, items):
+        """DataLoader ``collate_fn``: a list of items -> (images, labels, indices)."""
+        if self.image_input is None:
+            return torch.utils.data.default_collate(items)
+        return self.image_input.collate(items)
+
+    def to_device(self, images, device, memory_format=torch.contiguous_format):
+        """A collated image batch -> normalised float32 model input on ``device``."""
+        return self.image_input.to_device(images, device, memory_format)

@@ -39,14 +39,14 @@ class RevisitedDataset:
     query_bbx: np.ndarray  # (num_queries, 4) float64, [x1, y1, x2, y2]
     crop_query: bool = False
 
-    def query_dataset(self, transform=None):
+    def query_dataset(self, image_input=None):
         """Queries as an ImageListDataset, cropped to ``bbx`` only when ``crop_query`` (original: no crop)."""
         boxes = self.query_bbx if self.crop_query else None
-        return ImageListDataset(self.query_paths, transform=transform, boxes=boxes)
+        return ImageListDataset(self.query_paths, image_input=image_input, boxes=boxes)
 
-    def gallery_dataset(self, transform=None):
+    def gallery_dataset(self, image_input=None):
         """Gallery (database) images as an ImageListDataset."""
-        return ImageListDataset(self.gallery_paths, transform=transform)
+        return ImageListDataset(self.gallery_paths, image_input=image_input)
 
 
 def find_gnd_file(root, name):

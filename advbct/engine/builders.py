@@ -1,20 +1,22 @@
 """The one place where config keys become library calls: models, datasets, the compatibility loss."""
 
+from advbct.data.decoding import image_input
 from advbct.data.image_list import ImageListDataset, read_image_list
-from advbct.data.transforms import train_transform
 from advbct.errors import UserError
 from advbct.losses import build_compat_loss, needs_meta
 from advbct.meta import load_meta
 from advbct.models import build_model, checkpoint_shapes, load_model_weights, load_trained_model
 
 
-def build_train_dataset(cfg, num_classes=None):
-    """DATA.TRAIN_LIST (paths relative to DATA.ROOT) as a dataset of resized, normalised images."""
+def build_train_dataset(cfg, device, num_classes=None):
+    """DATA.TRAIN_LIST (paths relative to DATA.ROOT) as a dataset of resized images decoded the DATA.DECODE
+    way (``dataset.to_device`` normalises a batch on ``device``)."""
     if not cfg.DATA.TRAIN_LIST:
         raise UserError("DATA.TRAIN_LIST is empty: give the training list file ('relative/path label' lines)")
-    paths, labels = read_image_list(cfg.DATA.TRAIN_LIST, root=cfg.DATA.ROOT, num_classes=num_classes)
-    transform = train_transform(cfg.DATA.IMG_SIZE, cfg.DATA.AUGMENT, cfg.DATA.CROP_SCALE)
-    return ImageListDataset(paths, labels, transform=transform), labels
+    d = cfg.DATA
+    images = image_input(d.IMG_SIZE, d.DECODE, device, d.AUGMENT, d.CROP_SCALE)  # bad settings fail before reading
+    paths, labels = read_image_list(d.TRAIN_LIST, root=d.ROOT, num_classes=num_classes)
+    return ImageListDataset(paths, labels, image_input=images), labels
 
 
 def build_new_model(cfg, num_classes):

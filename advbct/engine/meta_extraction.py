@@ -3,8 +3,8 @@
 import torch
 
 from advbct import distributed as dist
+from advbct.data.decoding import image_input
 from advbct.data.image_list import ImageListDataset, read_image_list
-from advbct.data.transforms import eval_transform
 from advbct.data.workers import resolve_num_workers
 from advbct.errors import UserError
 from advbct.evaluation.features import extract_features
@@ -23,13 +23,14 @@ def extract_meta(cfg, progress=True):
     if not cfg.META.TRAIN_LIST:
         raise UserError("META.TRAIN_LIST is empty: give the old model's training list")
     _, _, device = dist.init_distributed()
+    images = image_input(cfg.DATA.IMG_SIZE, cfg.DATA.DECODE, device)
     _, old_classes = checkpoint_shapes(cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS")
     num_classes = cfg.OLD_MODEL.NUM_CLASSES or old_classes or None
     paths, labels = read_image_list(cfg.META.TRAIN_LIST, root=cfg.META.ROOT or cfg.DATA.ROOT,
                                     num_classes=num_classes)
     num_classes = num_classes or int(labels.max()) + 1
     model = load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
-    dataset = ImageListDataset(paths, labels, transform=eval_transform(cfg.DATA.IMG_SIZE))
+    dataset = ImageListDataset(paths, labels, image_input=images)
     feats = extract_features(model, dataset, batch_size=cfg.EVAL.BATCH_SIZE,
                              num_workers=resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS"), device=device, amp=cfg.EVAL.AMP,
                              desc="embed old training set", progress=progress)

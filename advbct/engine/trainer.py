@@ -86,7 +86,7 @@ class Trainer:
         seed_everything(cfg.SEED)
 
         num_classes = cfg.MODEL.NUM_CLASSES or None
-        self.dataset, labels = build_train_dataset(cfg, num_classes=num_classes)
+        self.dataset, labels = build_train_dataset(cfg, self.device, num_classes=num_classes)
         self.num_classes = num_classes or int(labels.max()) + 1
         if cfg.TRAIN.BATCH_SIZE <= 0 or cfg.TRAIN.EPOCHS <= 0:
             raise UserError("TRAIN.BATCH_SIZE and TRAIN.EPOCHS must be positive")
@@ -94,6 +94,7 @@ class Trainer:
                                           shuffle=True, seed=cfg.SEED, drop_last=False)
         workers = resolve_num_workers(cfg.DATA.NUM_WORKERS, "DATA.NUM_WORKERS")  # after init: knows the local ranks
         self.loader = DataLoader(self.dataset, batch_size=cfg.TRAIN.BATCH_SIZE, sampler=self.sampler,
+                                 collate_fn=self.dataset.collate,
                                  num_workers=workers, drop_last=len(self.dataset) >= self.world * cfg.TRAIN.BATCH_SIZE,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         self.iters_per_epoch = len(self.loader)
@@ -258,7 +259,7 @@ class Trainer:
             for it, (images, labels, _) in enumerate(self.loader):
                 if it >= self.iters_per_epoch:
                     break
-                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                images = self.dataset.to_device(images, self.device, self.memory_format)
                 labels = labels.to(self.device, non_blocking=True)
                 step = epoch * self.iters_per_epoch + it
                 terms = self._step(images, labels, epoch, step / max(total_steps, 1))

@@ -26,12 +26,15 @@ def _file_digest(path):
     return h.hexdigest()
 
 
-def cache_key(weights_path, arch, test_set, img_size, crop_query, amp):
-    """sha256 over the old checkpoint's bytes, its arch, the test set's images and the eval settings."""
+def cache_key(weights_path, arch, test_set, img_size, crop_query, amp, decode="pil"):
+    """sha256 over the old checkpoint's bytes, its arch, the test set's images and the eval settings
+    (the decoding mode changes the pixels; 'pil' adds nothing, so entries of before it stay valid)."""
     h = hashlib.sha256()
     boxes = test_set.query_boxes if (crop_query and test_set.is_revisited) else None
     parts = [_file_digest(weights_path), arch, test_set.name, repr(img_size), repr(bool(amp)),
              repr(None if boxes is None else np.asarray(boxes).tolist())]
+    if decode != "pil":
+        parts.append(f"decode={decode}")
     for part in parts:
         h.update(part.encode())
         h.update(b"\0")

@@ -37,15 +37,19 @@ def extract_features(model, dataset, *, batch_size=64, num_workers=4, device=Non
     """Embed every item of ``dataset`` with ``model``; return a float32 CPU tensor ``(len(dataset), D)``
     on rank 0 and None on the other ranks.
 
-    ``dataset[i]`` yields ``(image, label, index)``; ``model.embed(images)`` is the (un-normalised)
-    embedding (no classifier logits). ``amp`` runs the forward under bf16 autocast. Works unchanged on 1
-    or N ranks.
+    ``dataset`` is an :class:`~advbct.data.image_list.ImageListDataset` with an image input: its ``collate``
+    batches the items, its ``to_device`` makes normalised model input; ``model.embed(images)`` is the
+    (un-normalised) embedding (no classifier logits). ``amp`` runs the forward under bf16 autocast. Works
+    unchanged on 1 or N ranks.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    images_of = dataset
+    while isinstance(images_of, Subset):  # a part of a dataset batches and moves its images as the whole
+        images_of = images_of.dataset
     rank, world = dist.get_rank(), dist.get_world_size()
     start, end = shard_bounds(len(dataset), rank, world)
     loader = DataLoader(Subset(dataset, range(start, end)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        collate_fn=images_of.collate, num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     was_training = model.training
     model.eval()
@@ -56,7 +60,7 @@ def extract_features(model, dataset, *, batch_size=64, num_workers=4, device=Non
     try:
         with autocast:
             for images, _, _ in bar:
-                feat = model.embed(images.to(device, non_blocking=True))
+                feat = model.embed(images_of.to_device(images, device))
                 chunks.append(feat.float())
     except UserError as exc:  # e.g. an unreadable image in this rank's shard
         error = one_line(str(exc))

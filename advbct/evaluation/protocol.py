@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from advbct import distributed as dist
+from advbct.data.decoding import image_input
 from advbct.data.image_list import ImageListDataset
-from advbct.data.transforms import eval_transform
 from advbct.data.workers import resolve_num_workers
 from advbct.errors import UserError, one_line
 from advbct.evaluation import backfill, feature_cache, test_sets
@@ -39,12 +39,12 @@ def load_test_set(name, root, gldv2_split="private", check_images=True):
     return checked.get("set") or _read_test_set(name, root, gldv2_split, check_images=False)
 
 
-def image_datasets(test_set, img_size, crop_query=False):
-    """Query and gallery datasets; queries cropped to their bbx only when ``crop_query``."""
-    tf = eval_transform(img_size)
+def image_datasets(test_set, images, crop_query=False):
+    """Query and gallery datasets read by the :class:`~advbct.data.decoding.ImageInput` ``images``; queries
+    cropped to their bbx only when ``crop_query``."""
     boxes = test_set.query_boxes if (crop_query and test_set.is_revisited) else None
-    return (ImageListDataset(test_set.query_paths, transform=tf, boxes=boxes),
-            ImageListDataset(test_set.gallery_paths, transform=tf))
+    return (ImageListDataset(test_set.query_paths, image_input=images, boxes=boxes),
+            ImageListDataset(test_set.gallery_paths, image_input=images))
 
 
 def check_features(test_set, query, gallery, source="features"):
@@ -89,7 +89,9 @@ def _numpy(x):
 def embed_test_set(model, test_set, cfg, progress=True, tag="model"):
     """Query and gallery features of ``model`` (sharded over ranks, gathered on rank 0), as numpy arrays
     on rank 0 and ``(None, None)`` on the other ranks."""
-    q_ds, g_ds = image_datasets(test_set, cfg.EVAL.IMG_SIZE, cfg.EVAL.CROP_QUERY)
+    device = next(model.parameters()).device
+    images = image_input(cfg.EVAL.IMG_SIZE, cfg.DATA.DECODE, device)
+    q_ds, g_ds = image_datasets(test_set, images, cfg.EVAL.CROP_QUERY)
     workers = resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS")
     kw = dict(batch_size=cfg.EVAL.BATCH_SIZE, num_workers=workers, amp=cfg.EVAL.AMP, progress=progress)
     q = extract_features(model, q_ds, desc=f"{tag} queries", **kw)
@@ -108,7 +110,7 @@ def embed_old_test_set(old_model, test_set, cfg, progress=True):
 
     def lookup():
         found["key"] = key = feature_cache.cache_key(weights, cfg.OLD_MODEL.ARCH, test_set, cfg.EVAL.IMG_SIZE,
-                                                     cfg.EVAL.CROP_QUERY, cfg.EVAL.AMP)
+                                                     cfg.EVAL.CROP_QUERY, cfg.EVAL.AMP, cfg.DATA.DECODE)
         found["hit"] = hit = feature_cache.load(directory, test_set.name, key)
         if hit is not None:
             check_features(test_set, *hit, source=feature_cache.cache_path(directory, test_set.name, key))

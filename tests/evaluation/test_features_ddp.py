@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from advbct.data.decoding import ImageInput
 from advbct.data.image_list import ImageListDataset
-from advbct.data.transforms import eval_transform
 from advbct.evaluation.features import extract_features, shard_bounds
 from advbct.evaluation.protocol import load_test_set
 from advbct.models import build_model
@@ -19,7 +19,7 @@ WORLD, N_IMAGES, IMG, BATCH = 2, 13, 32, 4  # 13 images: shards of 7 and 6, seve
 
 def dataset(root):
     paths = load_test_set("roxford5k", root, check_images=False).gallery_paths[:N_IMAGES]
-    return ImageListDataset(paths, transform=eval_transform(IMG))
+    return ImageListDataset(paths, image_input=ImageInput(IMG))
 
 
 def make_model():

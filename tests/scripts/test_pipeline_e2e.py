@@ -19,6 +19,7 @@ import pytest
 import torch
 import torchvision
 
+from advbct.data.decoding import ImageInput
 from advbct.data.image_list import read_image_list
 from advbct.data.splits import make_allocation
 from advbct.data.synthetic import PRESETS
@@ -297,7 +298,7 @@ def test_convnext_old_meta_advbct_new_and_test_sh(tiny_synthetic, convnext_chain
     for key in ("self_test", "cross_test", "old_self_test"):
         assert all(0.0 <= result[key]["mAP"][p] <= 100.0 for p in ("easy", "medium", "hard")), result[key]
     test_set = load_test_set("roxford5k", str(Path(tiny_synthetic) / "ROxfordParis"))
-    q_ds, g_ds = image_datasets(test_set, 32)
+    q_ds, g_ds = image_datasets(test_set, ImageInput(32))
     feats = {}
     for name, out in (("new", new), ("old", old)):
         model = load_trained_model("timm:convnext_atto", str(out / "final.pth"), name)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from advbct.config import load_config
+from advbct.data.decoding import ImageInput
 from advbct.evaluation.features import extract_features
 from advbct.evaluation.protocol import image_datasets, load_test_set
 from advbct.models import load_trained_model
@@ -76,7 +77,7 @@ def evaluate_saved(dataset, root, query, gallery, tmp_path, tag):
 def recompute(dataset, root, ckpts, tmp_path):
     """Self, cross and old self-test recomputed here: our own extraction, then evaluate_features.py."""
     ts = load_test_set(dataset, str(root))
-    q_ds, g_ds = image_datasets(ts, IMG)
+    q_ds, g_ds = image_datasets(ts, ImageInput(IMG))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the device test.sh uses
     feats = {}
     for name in ("new", "old"):

@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 
 from advbct.data.synthetic import make_synthetic
 from advbct.evaluation.features import extract_features
+from advbct.data.decoding import ImageInput
 from advbct.evaluation.protocol import image_datasets, load_test_set
 from advbct.models import build_model
 
@@ -75,7 +76,7 @@ def _measure(arch, device, dataset, args, amp=False):
 
 def _run_on(root, args):
     test_set = load_test_set("roxford5k", os.path.join(root, "ROxfordParis"))
-    _, gallery = image_datasets(test_set, args.img_size)
+    _, gallery = image_datasets(test_set, ImageInput(args.img_size))
     n = len(gallery) if args.max_images <= 0 else min(args.max_images, len(gallery))
     dataset = Subset(gallery, range(n))
     archs = ["resnet18"] + (["resnet50"] if args.resnet50 else [])
