@@ -13,6 +13,7 @@ Imports nothing from the rest of the package, so that every layer may use it.
 import contextlib
 import json
 import os
+import re
 import secrets
 
 __all__ = ["atomic_open", "atomic_path", "write_json_atomic", "write_text_atomic"]
@@ -38,6 +39,14 @@ def _fsync_dir(directory):
         pass
     finally:
         os.close(fd)
+
+
+_TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")  # what _create_temp names
+
+
+def is_temporary(name):
+    """Whether the file name ``name`` is one of this module's temporaries (left behind by a killed writer)."""
+    return bool(_TEMPORARY.match(name))
 
 
 def _create_temp(directory, name):

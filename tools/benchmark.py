@@ -1,6 +1,6 @@
 """Benchmarks whose figures go into docs/BENCHMARKS.md (never timed assertions in tests).
 
-    python tools/benchmark.py {metrics,search,extraction,losses,training} [options] [--json OUT.json]
+    python tools/benchmark.py {metrics,search,extraction,loader,losses,training} [options] [--json OUT.json]
     torchrun --standalone --nproc_per_node=N tools/benchmark.py collectives [options] [--json OUT.json]
 """
 
@@ -14,9 +14,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmarks/ as a package
 
+from advbct.cli import guarded  # noqa: E402
 from advbct.io import atomic_open  # noqa: E402
 
-SUITES = ("metrics", "search", "extraction", "losses", "training", "collectives")
+SUITES = ("metrics", "search", "extraction", "loader", "losses", "training", "collectives")
 
 
 def machine():
@@ -27,6 +28,7 @@ def machine():
             "date": time.strftime("%Y-%m-%d")}
 
 
+@guarded
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)

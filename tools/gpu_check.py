@@ -1,8 +1,8 @@
-"""GPU check: the tiny pipeline on GPU against CPU, step times, loss speed-up, faiss-gpu search, NCCL all-reduce.
+"""GPU check: the tiny pipeline on GPU vs CPU, step times, loss speed-up, faiss-gpu search, all-reduce, nvJPEG decoding.
 
     bash tools/gpu_check.sh [--out output/gpu_check/gpu_check.json] [--steps pipeline,training,...] [--cpu-dry-run]
 
-Five steps, each recorded in the JSON with its status (ok, failed, skipped + the reason), figures and
+Six steps, each recorded in the JSON with its status (ok, failed, skipped + the reason), figures and
 seconds; a failed step does not stop the later ones (docs/BENCHMARKS.md, "GPU check"):
   pipeline     the tiny synthetic benchmark end to end through the bash scripts from one backbone pretrained
                on the GPUs: on every visible GPU (NCCL; fp32, TF32 off), then on the CPU (the trainings on as
@@ -15,9 +15,11 @@ seconds; a failed step does not stop the later ones (docs/BENCHMARKS.md, "GPU ch
                (tools/benchmarks/losses.py)
   search       faiss-gpu exact search at GLDv2 scale (tools/benchmarks/search.py)
   collectives  all-reduce bus bandwidth over every visible GPU (tools/benchmarks/collectives.py)
+  decoding     64 generated 640x480 JPEGs to 224 px model inputs: DATA.DECODE nvjpeg on the GPU against PIL
+               (pixels within NVJPEG_PIXEL_TOLERANCE levels), images/s of every mode (tools/benchmarks/loader.py)
 Exit status: 0 when no step failed, 1 when one did (a crash, a timeout, a GPU/CPU disagreement, a wrong
-all-reduce sum; a performance target missed is reported, not a failure), 2 on a usage error or without
-a visible CUDA GPU (--cpu-dry-run runs the CPU-side logic only and marks every GPU step skipped).
+all-reduce sum, nvJPEG pixels off PIL's; a performance target missed is reported, not a failure), 2 on a usage
+error or without a visible CUDA GPU (--cpu-dry-run runs the CPU-side logic only and marks every GPU step skipped).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from advbct.evaluation import test_sets  # noqa: E402
 
 SCHEMA = "advbct-gpu-check/1"
 DEFAULT_OUT = os.path.join("output", "gpu_check", "gpu_check.json")
-STEPS = ("pipeline", "training", "losses", "search", "collectives")
+STEPS = ("pipeline", "training", "losses", "search", "collectives", "decoding")
 STATUSES = ("ok", "failed", "skipped")
 TITLES = {
     "pipeline": "tiny synthetic pipeline on GPU vs CPU (headline mAPs)",
@@ -54,11 +56,12 @@ TITLES = {
     "losses": "compatibility-loss step, vectorised vs per-sample loops, on GPU",
     "search": "faiss-gpu exact search at GLDv2 scale",
     "collectives": "NCCL all-reduce bus bandwidth over the visible GPUs",
+    "decoding": "image decoding on the GPU (DATA.DECODE nvjpeg) vs PIL: fidelity and throughput",
 }
 KINDS = {"pipeline": "correctness", "training": "performance", "losses": "correctness+performance",
-         "search": "performance", "collectives": "correctness+performance"}
+         "search": "performance", "collectives": "correctness+performance", "decoding": "correctness+performance"}
 # a step gets at most this long (seconds); all of them together at most --budget-s
-STEP_TIMEOUT = {"pipeline": 300, "training": 150, "losses": 90, "search": 75, "collectives": 60}
+STEP_TIMEOUT = {"pipeline": 300, "training": 150, "losses": 90, "search": 75, "collectives": 60, "decoding": 90}
 MIN_STEP_S = 15  # a later step is left at least this much of the budget
 
 # targets (reported; missing one is not a failure)
@@ -87,6 +90,14 @@ EVAL_TOLERANCE = 0.5         # mAP points, the same models evaluated on the GPUs
 WEIGHT_TOLERANCE = 0.25      # |backbone_gpu - backbone_cpu| / |backbone_cpu - pretrained|, per trained model
 
 COLLECTIVE_SIZES = ("1M", "256M")
+
+# the decoding step: largest mean |model input - PIL's| (uint8 levels, 0-255) of the nvjpeg path, on the GPU and
+# with the CPU decoder. ~10x the CPU decoder's arithmetic difference (0.13-0.16 measured; nvJPEG's IDCT may
+# differ from libjpeg-turbo's by about a level), below what a wrong crop, a colour-channel swap or an
+# unnormalised batch gives (tens of levels)
+NVJPEG_PIXEL_TOLERANCE = 1.5
+DECODING_MODES = ("pil", "pil_draft", "nvjpeg_cpu", "preresized", "nvjpeg")  # the loader suite's rows
+DECODING_CHECKED = ("nvjpeg", "nvjpeg_cpu")  # the rows held to NVJPEG_PIXEL_TOLERANCE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -241,6 +252,49 @@ def training_rows(cuda: dict) -> dict:
                                      "advbct_img_per_s": fig["advbct"]["img_per_s"],
                                      "overhead": round(overhead, 4), "target_met": overhead < OVERHEAD_TARGET}
     return rows
+
+
+def decoding_figures(result: dict) -> dict:
+    """The decoding step's figures from the loader suite's JSON (its first folder): throughput per mode and
+    each mode's pixel difference from PIL; ``nvjpeg`` figures are None where the suite had no CUDA."""
+    folders = result.get("folders") if isinstance(result, dict) else None
+    if not folders or not isinstance(folders[0], dict):
+        raise StepFailed(f"loader benchmark measured no folder: {result}")
+    folder = folders[0]
+    modes = folder.get("modes") or {}
+    absent = [m for m in DECODING_MODES if m != "nvjpeg" and not isinstance(modes.get(m), dict)]
+    if absent:
+        raise StepFailed(f"loader benchmark wrote no {', '.join(absent)} row(s): {sorted(modes)}")
+    gpu = modes.get("nvjpeg") or {}
+    pixel_mad = {m: modes[m].get("pixel_mad") for m in DECODING_MODES if isinstance(modes.get(m), dict)}
+    within = all(_finite(pixel_mad.get(m)) and pixel_mad[m] <= NVJPEG_PIXEL_TOLERANCE for m in DECODING_CHECKED)
+    return {"image_size": folder.get("image_size"), "images": folder.get("images"),
+            "input_size": (result.get("setup") or {}).get("size"),
+            "pil_img_s_per_core": modes["pil"].get("img_s_per_core"),
+            "pil_draft_img_s_per_core": modes["pil_draft"].get("img_s_per_core"),
+            "pil_draft_vs_pil": modes["pil_draft"].get("vs_pil"),
+            "preresized_img_s_per_core": modes["preresized"].get("img_s_per_core"),
+            "preresized_vs_pil": modes["preresized"].get("vs_pil"),
+            "nvjpeg_gpu_img_s": gpu.get("gpu_img_s"),
+            "nvjpeg_worker_img_s_per_core": gpu.get("worker_img_s_per_core"),
+            "pixel_mad": pixel_mad, "pixel_tolerance": NVJPEG_PIXEL_TOLERANCE, "within_tolerance": within}
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_decoding(fig: dict):
+    """StepFailed unless nvjpeg was measured and both nvjpeg paths' pixels lie within the tolerance of PIL's."""
+    if "nvjpeg" not in fig["pixel_mad"]:
+        raise StepFailed("nvjpeg not measured: the loader benchmark wrote no nvjpeg row (torch.cuda.is_available() "
+                         "was False in its process)")
+    problems = [f"{m} pixel_mad {fig['pixel_mad'][m]} vs PIL exceeds the tolerance {fig['pixel_tolerance']:g} levels"
+                if _finite(fig["pixel_mad"][m]) else f"{m} pixel_mad {fig['pixel_mad'][m]} is not a finite number"
+                for m in DECODING_CHECKED
+                if not (_finite(fig["pixel_mad"][m]) and fig["pixel_mad"][m] <= fig["pixel_tolerance"])]
+    if problems:
+        raise StepFailed("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -586,8 +640,25 @@ def step_collectives(ctx, record, timeout):
         raise StepFailed(f"all-reduce returned wrong sums at sizes {wrong} (bytes)")
 
 
+def decoding_command(python, json_out):
+    """The loader suite on 64 generated 640x480 JPEGs (its nvjpeg row needs CUDA in that process)."""
+    return [python, "tools/benchmark.py", "loader", "--generate", "640x480", "--images", "64", "--repeats", "2",
+            "--json", json_out]
+
+
+def step_decoding(ctx, record, timeout):
+    """f: DATA.DECODE nvjpeg on the GPU against PIL, pixels and images/s (the figures kept when a check fails)."""
+    out = _suite_json(ctx, "decoding")
+    cmd = decoding_command(sys.executable, out)
+    record["commands"] = [shlex.join(cmd)]
+    run_logged(cmd, ctx.log("decoding"), timeout, what="loader benchmark")
+    fig = decoding_figures(_read_json(out, "decoding"))
+    record["figures"].update(fig)
+    check_decoding(fig)
+
+
 RUNNERS = {"pipeline": step_pipeline, "training": step_training, "losses": step_losses,
-           "search": step_search, "collectives": step_collectives}
+           "search": step_search, "collectives": step_collectives, "decoding": step_decoding}
 
 
 def skip_reason(ctx, step):
@@ -720,6 +791,13 @@ def step_summary(step, record):
     if step == "collectives":
         return (f"{fig['world_size']} GPUs, {fig['backend']}: busbw peak {fig['peak_busbw_gbps']:g} GB/s "
                 f"({len(fig['rows'])} sizes, {fig['rows'][0]['bytes']:,}-{fig['rows'][-1]['bytes']:,} bytes)")
+    if step == "decoding":
+        mad = fig["pixel_mad"]
+        return (f"{fig['images']} JPEGs of {fig['image_size']}: nvjpeg {fig['nvjpeg_gpu_img_s']:,.0f} img/s on the "
+                f"GPU, pixels {mad['nvjpeg']:.2f} levels from PIL's (CPU decoder {mad['nvjpeg_cpu']:.2f}; tolerance "
+                f"{fig['pixel_tolerance']:g}); per core: PIL {fig['pil_img_s_per_core']:,.0f} img/s, pil_draft "
+                f"{fig['pil_draft_vs_pil']:g}x, pre-resized {fig['preresized_vs_pil']:g}x, nvjpeg workers "
+                f"{fig['nvjpeg_worker_img_s_per_core']:,.0f} img/s")
     return ""
 
 
@@ -729,7 +807,8 @@ def summary(report):
     mode = "cpu dry run" if report["dry_run"] else f"{m['ngpus']} GPU(s)"
     lines = [f"GPU check ({mode}): {gpus}; torch {m['torch']}, commit {m['commit']}"]
     for i, (step, record) in enumerate(report["steps"].items()):
-        lines.append(f"  {'abcde'[i]}. {step:<12} {'[' + record['status'] + ']':<10} {record['seconds']:6.1f} s  "
+        letter = chr(ord("a") + i)
+        lines.append(f"  {letter}. {step:<12} {'[' + record['status'] + ']':<10} {record['seconds']:6.1f} s  "
                      f"{step_summary(step, record)}")
     failed = [s for s, r in report["steps"].items() if r["status"] == "failed"]
     lines.append(f"result: {report['status'].upper()}" + (f" ({', '.join(failed)} failed)" if failed else "")

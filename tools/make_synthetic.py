@@ -10,7 +10,7 @@ import argparse
 import json
 
 from advbct.cli import guarded
-from advbct.data.synthetic import PRESETS, make_synthetic
+from advbct.data.synthetic import PRESETS, make_synthetic, parse_frame
 
 
 @guarded
@@ -21,8 +21,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a synthetic benchmark previously generated in --out")
+    parser.add_argument("--image-size", default=None, metavar="WxH",
+                        help="real-size images, e.g. 1024x768 (ROxford's) or 640x480, instead of the preset's "
+                             "small squares: for measuring input pipelines (tools/benchmark.py loader)")
     args = parser.parse_args(argv)
-    summary = make_synthetic(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    frame = parse_frame(args.image_size) if args.image_size else None
+    summary = make_synthetic(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, frame=frame)
     print(json.dumps({k: summary[k] for k in ("preset", "seed", "roxford5k", "rparis6k", "gldv2")}, indent=2))
 
 

@@ -107,7 +107,7 @@ class ImageInput:
                 x1, y1, x2, y2 = (0, 0, w, h) if box is None else crop_box(box, w, h)
                 flip = False
                 if self.augment == "crop_flip":  # the same draws as T.RandomResizedCrop + T.RandomHorizontalFlip
-                    region = torch.empty(0).expand(1, y2 - y1, x2 - x1)  # shape only, for get_params
+                    region = torch.empty(1, 1, 1).expand(1, y2 - y1, x2 - x1)  # its shape only, no memory
                     i, j, ch, cw = T.RandomResizedCrop.get_params(region, list(self.crop_scale), list(CROP_RATIO))
                     x1, y1, x2, y2 = x1 + j, y1 + i, x1 + j + cw, y1 + i + ch
                 if self.augment != "none":

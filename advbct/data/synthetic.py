@@ -312,15 +312,17 @@ def _background(rng, size):
     return img
 
 
-def render_view(scene, rng, strength, out_size, junk=False, query=False):
+def render_view(scene, rng, strength, out_size, junk=False, query=False, frame=None):
     """Photograph ``scene``: returns (PIL RGB image of ``out_size``, landmark box in its pixels or None).
 
     ``strength`` in [0, 1] scales the view change, clutter, occlusion and illumination change. ``junk``:
     a 2.2-3.5x zoom on a random part of the landmark, heavily occluded. ``query``: the whole landmark in
     view (zoomed out a little) and its box returned, like a revisited query with its ``bbx``.
+    ``frame`` = (w, h): a real-size photograph instead, the centre w x h of a view rendered square at
+    ``out_size`` = max(w, h) without supersampling (at that size aliasing is below the JPEG's own loss).
     """
     src = scene.pixels.shape[0]
-    work = 2 * out_size  # render at twice the size and box-downsample, for anti-aliasing
+    work = out_size if frame else 2 * out_size  # render at twice the size and box-downsample, for anti-aliasing
     s = float(strength)
     bx1, by1, bx2, by2 = scene.box
     if junk:
@@ -367,6 +369,10 @@ def render_view(scene, rng, strength, out_size, junk=False, query=False):
     arr = (arr - 0.5) * np.exp(rng.normal(0, 0.25 * s)) + 0.5
     arr = arr + rng.normal(0, (2 + 6 * s) / 255.0, arr.shape).astype(np.float32)
     out = Image.fromarray((np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8))
+    dx, dy = 0, 0
+    if frame:
+        dx, dy = (out_size - frame[0]) // 2, (out_size - frame[1]) // 2
+        out = out.crop((dx, dy, dx + frame[0], dy + frame[1]))
 
     if not query:
         return out, None
@@ -376,6 +382,8 @@ def render_view(scene, rng, strength, out_size, junk=False, query=False):
     pts = np.array([[bx1, by1, 1], [bx2, by1, 1], [bx2, by2, 1], [bx1, by2, 1]]) @ inv.T
     pts = pts[:, :2] / pts[:, 2:3] * (out_size / work)
     lo, hi = pts.min(axis=0).clip(0, out_size), pts.max(axis=0).clip(0, out_size)
+    if frame:
+        lo, hi = (lo - (dx, dy)).clip(0, frame), (hi - (dx, dy)).clip(0, frame)
     return out, (lo[0], lo[1], hi[0], hi[1])
 
 
@@ -403,17 +411,21 @@ def _image_id(seed, *keys):
 class _World:
     """Scenes and images of one generation (seed, preset)."""
 
-    def __init__(self, seed, preset):
-        self.seed, self.preset = int(seed), preset
-        self.canvas = 2 * preset.image_size
+    def __init__(self, seed, preset, frame=None):
+        self.seed, self.preset, self.frame = int(seed), preset, frame
+        self.size = max(frame) if frame else preset.image_size  # the square a view is rendered at
+        self.canvas = max(frame) if frame else 2 * preset.image_size
 
     def scene(self, kind, landmark):
         return make_scene(_rng(self.seed, _KIND[kind], landmark), self.canvas)
 
+    def render(self, scene, rng, strength, level=None):
+        return render_view(scene, rng, strength, self.size, junk=(level == "junk"), query=(level == "query"),
+                           frame=self.frame)
+
     def view(self, scene, kind, landmark, image, level):
         rng = _rng(self.seed, 100 + _KIND[kind], landmark, image)
-        return render_view(scene, rng, _strength(rng, level), self.preset.image_size,
-                           junk=(level == "junk"), query=(level == "query"))
+        return self.render(scene, rng, _strength(rng, level), level)
 
 
 def _write_revisited(world, root, name, hard_range):
@@ -438,7 +450,7 @@ def _write_revisited(world, root, name, hard_range):
                 gname = f"{prefix}_lm{lm:02d}_{k:06d}"
                 if level == "hard":  # per-dataset hard range (ROxford's hard set is the harsher one)
                     irng = _rng(seed, 100 + _KIND[name], lm, k)
-                    img, _ = render_view(scene, irng, irng.uniform(*hard_range), p.image_size)
+                    img, _ = world.render(scene, irng, irng.uniform(*hard_range))
                 else:
                     img, _ = world.view(scene, name, lm, k, level)
                 _save_jpeg(img, os.path.join(jpg, gname + ".jpg"))
@@ -590,11 +602,34 @@ def _prepare_out(out, overwrite):
     os.makedirs(out, exist_ok=True)
 
 
-def make_synthetic(out, preset="tiny", seed=0, overwrite=False):
+def write_photos(out, frame, count, seed=0):
+    """``count`` real-size (``frame`` = (w, h)) JPEG photographs of distinct landmarks, as the benchmark
+    writes them, in ``out``; returns their paths. For measuring decoders without a whole benchmark."""
+    world, paths = _World(seed, PRESETS["tiny"], tuple(frame)), []
+    for i in range(count):
+        if i % 4 == 0:  # four views per landmark
+            scene = world.scene("gld_distractor", i // 4)
+        path = os.path.join(str(out), f"photo_{frame[0]}x{frame[1]}_{i:05d}.jpg")
+        _save_jpeg(world.view(scene, "gld_distractor", i // 4, i, "other")[0], path)
+        paths.append(path)
+    return paths
+
+
+def parse_frame(text):
+    """``'1024x768'`` -> (1024, 768); a UserError naming ``--image-size`` otherwise."""
+    w, _, h = str(text).lower().partition("x")
+    if not (w.isdigit() and h.isdigit() and 16 <= int(w) <= 8192 and 16 <= int(h) <= 8192):
+        raise UserError(f"--image-size '{text}': expected WIDTHxHEIGHT in pixels, 16 to 8192 each (e.g. 1024x768)")
+    return int(w), int(h)
+
+
+def make_synthetic(out, preset="tiny", seed=0, overwrite=False, frame=None):
     """Generate the benchmark under ``out`` (``gldv2/``, ``ROxfordParis/``, ``pretrain/``) and prepare the
     GLDv2 lists.
 
-    Same (preset, seed) -> byte-identical files. Returns the summary, also written to
+    ``frame`` = (w, h): every image a real-size w x h photograph (e.g. 1024 x 768, as ROxford's) instead of
+    the preset's small squares; for measuring input pipelines, at the cost of minutes of rendering.
+    Same (preset, seed, frame) -> byte-identical files. Returns the summary, also written to
     ``out/SYNTHETIC.json`` once everything is on disk.
     """
     if preset not in PRESETS:
@@ -603,9 +638,11 @@ def make_synthetic(out, preset="tiny", seed=0, overwrite=False):
     p = PRESETS[preset]
     _prepare_out(out, overwrite)
     summary = {"format_version": FORMAT_VERSION, "preset": preset, "seed": int(seed), "params": asdict(p)}
+    if frame:
+        summary["image_size"] = list(frame)
     _write_json(os.path.join(out, PARTIAL_MARKER), summary)
 
-    world = _World(seed, p)
+    world = _World(seed, p, tuple(frame) if frame else None)
     rev_root = os.path.join(out, "ROxfordParis")
     summary["roxford5k"] = _write_revisited(world, rev_root, "roxford5k", (0.7, 1.0))
     summary["rparis6k"] = _write_revisited(world, rev_root, "rparis6k", (0.55, 0.9))

@@ -211,3 +211,55 @@ def test_make_synthetic_tool_error_exit(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         tool.main(["--out", str(tmp_path), "--preset", "tiny"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith(f"error: {tmp_path / 'gldv2'}: exists but")
+
+
+def test_query_box_in_a_real_size_frame_is_where_the_landmark_lands():
+    """A w x h frame is the centre of the square view: the box moves with the crop and stays in the frame."""
+    pixels = np.zeros((128, 128, 4), dtype=np.uint8)
+    pixels[40:90, 30:70] = (255, 0, 255, 255)
+    scene = Scene(pixels, (30.0, 40.0, 70.0, 90.0))
+    for seed in range(3):
+        img, box = render_view(scene, synthetic._rng(seed, 9), 0.0, 128, query=True, frame=(128, 96))
+        assert img.size == (128, 96)
+        arr = np.asarray(img).astype(int)
+        magenta = (arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] > 200)
+        ys, xs = np.nonzero(magenta)
+        assert len(xs) > 200
+        assert abs(xs.min() - box[0]) <= 1.5 and abs(xs.max() + 1 - box[2]) <= 1.5
+        assert abs(ys.min() - box[1]) <= 1.5 and abs(ys.max() + 1 - box[3]) <= 1.5
+        assert 0 <= box[1] < box[3] <= 96
+
+
+def test_write_photos_real_size_deterministic_and_distinct(tmp_path):
+    a = synthetic.write_photos(tmp_path / "a", (120, 90), 6)
+    b = synthetic.write_photos(tmp_path / "b", (120, 90), 6)
+    assert [os.path.basename(p) for p in a] == [os.path.basename(p) for p in b]
+    assert all(open(p, "rb").read() == open(q, "rb").read() for p, q in zip(a, b))
+    arrays = [np.asarray(load_image(p), dtype=np.float32) for p in a]
+    assert all(x.shape == (90, 120, 3) for x in arrays) and all(Image.open(p).format == "JPEG" for p in a)
+    assert min(np.abs(x - y).mean() for i, x in enumerate(arrays) for y in arrays[i + 1:]) > 5  # distinct views
+
+
+@pytest.mark.slow
+def test_a_real_size_benchmark_is_read_by_the_real_loaders(tmp_path):
+    """--image-size: every image w x h, query boxes inside them, the summary says so, the preset's files intact."""
+    from advbct.evaluation.protocol import load_test_set
+
+    make_synthetic(tmp_path, preset="tiny", seed=0, frame=(96, 72))
+    summary = synthetic.read_summary(tmp_path)
+    assert summary["image_size"] == [96, 72]
+    jpgs = [f for f in _all_files(tmp_path) if f.endswith(".jpg")]
+    assert {Image.open(tmp_path / f).size for f in jpgs} == {(96, 72)}
+    ds = load_revisited(tmp_path / "ROxfordParis", "roxford5k")
+    assert len(ds.query_paths) == PRESETS["tiny"].rev_landmarks * PRESETS["tiny"].rev_queries
+    assert (ds.query_bbx[:, [0, 2]] <= 96).all() and (ds.query_bbx[:, [1, 3]] <= 72).all()
+    assert (ds.query_bbx[:, 2] > ds.query_bbx[:, 0]).all() and (ds.query_bbx[:, 3] > ds.query_bbx[:, 1]).all()
+    gld = load_test_set("gldv2", tmp_path / "gldv2")
+    assert len(gld.gallery_paths) == summary["gldv2"]["index_images"]
+
+
+@pytest.mark.parametrize("text", ["1024", "1024x", "x768", "10x768", "1024x768x3", "big"])
+def test_image_size_argument_is_checked(text):
+    with pytest.raises(UserError, match=rf"--image-size '{text}': expected WIDTHxHEIGHT"):
+        synthetic.parse_frame(text)
+    assert synthetic.parse_frame("1024x768") == (1024, 768) and synthetic.parse_frame("640X480") == (640, 480)

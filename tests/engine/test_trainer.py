@@ -289,6 +289,42 @@ def test_embedding_sizes_differ(setup, tmp_path, monkeypatch, capsys):
     assert "OLD_MODEL.WEIGHTS" in msg and "16" in msg and f"MODEL.EMB_DIM is {EMB}" in msg
 
 
+@pytest.mark.parametrize("mode, expected", [("nvjpeg", "error: DATA.DECODE nvjpeg decodes on a CUDA GPU, but this "
+                                                         "process runs on cpu (no CUDA device): use DATA.DECODE pil "
+                                                         "or pil_draft"),
+                                            ("turbo", "error: DATA.DECODE 'turbo': expected one of pil, pil_draft, "
+                                                      "nvjpeg")])
+def test_decode_mode_refused_before_training(setup, tmp_path, monkeypatch, capsys, mode, expected):
+    assert run_expecting_user_error(overrides(setup, tmp_path, "DATA.DECODE", mode), monkeypatch, capsys,
+                                    tmp_path) == expected
+
+
+def test_workers_hand_over_uint8_and_the_step_gets_the_normalised_batch(setup, tmp_path, monkeypatch):
+    """DATA.DECODE reaches the dataset; batches cross from the workers as uint8 and reach the step as the
+    former float pipeline's batch (ToTensor + Normalize in the worker), to the bit."""
+    from torchvision import transforms as T
+
+    from advbct.data.image_list import load_image
+    from advbct.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    trainer = Trainer(load_config(None, overrides(setup, tmp_path, "DATA.DECODE", "pil_draft", "TRAIN.EPOCHS", "1",
+                                                  "TRAIN.MAX_ITERS_PER_EPOCH", "1")))
+    assert trainer.dataset.image_input.decode == "pil_draft" and trainer.dataset.image_input.size == (32, 32)
+    images, _, index = next(iter(trainer.loader))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
+    seen = {}
+    def spy_step(self, x, y, *args):
+        seen["x"] = x
+        return {"total": torch.zeros(())}
+
+    monkeypatch.setattr(Trainer, "_step", spy_step)
+    trainer.train_epoch(0)
+    former = T.Compose([T.Resize((32, 32)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    order = list(iter(trainer.sampler))[:8]  # the same epoch-0 order the loader drew
+    expected = torch.stack([former(load_image(trainer.dataset.paths[i])) for i in order])
+    assert torch.equal(seen["x"], expected)  # 16 px PNGs: no JPEG, so pil_draft decodes as pil
+
+
 # ------------------------------------------------------------------------- old forward only when needed
 METHOD_OPTS = {"bct": [], "lce": [], "unibct": [], "advbct_no_adv": ["COMP_LOSS.ADVERSARIAL", "false"],
                "hot_refresh": [], "advbct": [], "l2": []}

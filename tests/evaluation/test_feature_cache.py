@@ -80,6 +80,10 @@ def test_another_checkpoint_or_setting_is_a_new_entry(tiny_synthetic, ckpts, tmp
     assert k1 != feature_cache.cache_key(ckpts["old2"], "resnet18", ts, IMG, False, False)
     assert k1 != feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG + 8, False, False)
     assert k1 != feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG, False, True)
+    # the decoding mode changes the pixels; 'pil' is the key of before it (entries written then stay valid)
+    assert k1 == feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG, False, False, "pil")
+    drafted = feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG, False, False, "pil_draft")
+    assert len({k1, drafted, feature_cache.cache_key(ckpts["old"], "resnet18", ts, IMG, False, False, "nvjpeg")}) == 3
 
 
 @pytest.mark.slow

@@ -192,3 +192,31 @@ def test_check_features_names_the_problem(query_shape, gallery_shape, bad, patte
     assert str(info.value).startswith("feats.npy: ") and "\n" not in str(info.value)
     with pytest.raises(UserError, match=pattern):
         score(ts, query, gallery)  # score() refuses the same input before searching
+
+
+# ------------------------------------------------------------------------------------- image decoding
+@pytest.mark.slow
+def test_evaluation_decodes_the_data_decode_way(tiny_synthetic, random_checkpoint):
+    """DATA.DECODE reaches the test-set embedding: pil_draft features are those of a pil_draft dataset, differ
+    from pil's (64 px JPEGs at 24 px: decoded at half size), and nvjpeg on a CPU is refused in one line."""
+    from advbct.config import load_config
+    from advbct.data.decoding import ImageInput
+    from advbct.evaluation.features import extract_features
+    from advbct.evaluation.protocol import embed_test_set, image_datasets, load_test_set
+    from advbct.models import load_trained_model
+
+    model = load_trained_model("resnet18", random_checkpoint(0, 16), "new", device="cpu")
+    ts = load_test_set("roxford5k", str(tiny_synthetic / "ROxfordParis"))
+
+    def cfg(mode):
+        return load_config(None, ["EVAL.IMG_SIZE", "24", "EVAL.NUM_WORKERS", "0", "DATA.DECODE", mode])
+
+    q_draft, g_draft = embed_test_set(model, ts, cfg("pil_draft"), progress=False)
+    _, g_ds = image_datasets(ts, ImageInput(24, "pil_draft"))
+    direct = extract_features(model, g_ds, num_workers=0, progress=False).numpy()
+    assert np.array_equal(g_draft, direct)
+    _, g_pil = embed_test_set(model, ts, cfg("pil"), progress=False)
+    assert np.abs(g_pil - g_draft).max() > 1e-3
+    with pytest.raises(UserError, match="DATA.DECODE nvjpeg decodes on a CUDA GPU"):
+        embed_test_set(model, ts, cfg("nvjpeg"), progress=False)
+    assert q_draft.shape == (len(ts.query_paths), 16)

@@ -1,13 +1,15 @@
 """The GPU check's CPU-side logic (tools/gpu_check.sh, tools/gpu_check.py): arguments, the refusal without a
 GPU, the JSON report of a dry run, step isolation, the GPU-vs-CPU comparison, the overhead and bus-bandwidth
-formulas, the pipeline's batch plan, the collectives suite on two gloo processes, and which faiss wheel the
-install picks. Nothing here trains a model or needs a GPU; no figure is timed-asserted."""
+formulas, the pipeline's batch plan, the collectives suite on two gloo processes, the decoding step's figures
+and checks, and which faiss wheel the install picks. Nothing here trains a model or needs a GPU; no figure is
+timed-asserted."""
 
 import argparse
 import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import pytest
 
 from helpers import REPO
 
+ALL_STEPS = ["pipeline", "training", "losses", "search", "collectives", "decoding"]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
 STEP_KEYS = {"title", "kind", "status", "reason", "seconds", "figures", "commands", "log"}
 MACHINE_KEYS = {"date", "host", "cpu", "cores", "python", "torch", "cuda", "commit", "ngpus", "gpus", "driver",
@@ -43,18 +46,21 @@ def test_defaults_and_options(gc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = gc.parse_args([])
     assert args.out == str(tmp_path / "output" / "gpu_check" / "gpu_check.json")
-    assert args.steps == ["pipeline", "training", "losses", "search", "collectives"]
+    assert args.steps == ALL_STEPS
     assert (args.ngpus, args.tolerance, args.cpu_dry_run, args.keep_work) == (0, 3.0, False, False)
     args = gc.parse_args(["--out", "x/report.json", "--steps", "collectives, pipeline", "--tolerance", "1.5",
                           "--ngpus", "2", "--cpu-dry-run"])
     assert args.out == str(tmp_path / "x" / "report.json")
     assert args.steps == ["pipeline", "collectives"]  # the check's order, whatever the order given
     assert (args.ngpus, args.tolerance, args.cpu_dry_run) == (2, 1.5, True)
+    assert gc.parse_args(["--steps", "decoding"]).steps == ["decoding"]
+    assert gc.parse_args(["--steps", "decoding,pipeline"]).steps == ["pipeline", "decoding"]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "pipeline,nccl"], "--steps: unknown step(s) nccl"),
     (["--steps", ","], "--steps: unknown step(s) (none given)"),
+    (["--steps", "decoding,nvjpeg"], "--steps: unknown step(s) nvjpeg"),
     (["--out", "report.txt"], "--out must name a .json file"),
     (["--tolerance", "-1"], "--tolerance must be a finite number >= 0"),
     (["--ngpus", "-2"], "--ngpus must be >= 0"),
@@ -93,7 +99,7 @@ def test_dry_run_report_schema(gc, tmp_path, capsys):
     machine = report["machine"]
     assert set(machine) == MACHINE_KEYS
     assert (machine["ngpus"], machine["gpus"]) == (0, []) and isinstance(machine["cores"], int)
-    assert list(report["steps"]) == ["pipeline", "training", "losses", "search", "collectives"]
+    assert list(report["steps"]) == ALL_STEPS
     for name, step in report["steps"].items():
         assert set(step) == STEP_KEYS, name
         assert step["status"] in gc.STATUSES and step["status"] == "skipped"
@@ -102,10 +108,13 @@ def test_dry_run_report_schema(gc, tmp_path, capsys):
         assert isinstance(step["title"], str) and step["title"]
         assert (step["seconds"], step["figures"], step["commands"], step["log"]) == (0.0, {}, [], None)
     assert report["steps"]["pipeline"]["kind"] == "correctness"
+    decoding = report["steps"]["decoding"]
+    assert (decoding["status"], decoding["reason"]) == ("skipped", "--cpu-dry-run: the GPU steps do not run")
+    assert decoding["kind"] == "correctness+performance" and "nvjpeg" in decoding["title"]
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("GPU check (cpu dry run): no GPU;") and len(lines) == 7
-    assert [ln.split()[1] for ln in lines[1:6]] == list(report["steps"])
-    assert all("[skipped]" in ln for ln in lines[1:6]) and lines[6].startswith("result: OK")
+    assert lines[0].startswith("GPU check (cpu dry run): no GPU;") and len(lines) == 8
+    assert [ln.split()[:2] for ln in lines[1:7]] == [[f"{c}.", s] for c, s in zip("abcdef", report["steps"])]
+    assert all("[skipped]" in ln for ln in lines[1:7]) and lines[7].startswith("result: OK")
     assert not (tmp_path / "sub" / "report_work").exists()  # a dry run prepares nothing
 
 
@@ -128,18 +137,23 @@ def test_a_failed_step_does_not_stop_the_later_ones(gc, tmp_path, monkeypatch, c
                                                          "speedup": 80.0}},
                                   "target_met": True})
 
+    def decoding(ctx, record, timeout):
+        ran.append("decoding")
+        record["figures"].update(gc.decoding_figures(loader_result()))
+
     monkeypatch.setattr(gc, "visible_gpus", lambda: 1)
     monkeypatch.setattr(gc, "machine_info", lambda n: {"ngpus": n, "gpus": ["Stand-in GPU"], "torch": "x",
                                                          "commit": "abc"})
     monkeypatch.setattr(gc, "_faiss_gpu", lambda: (False, "faiss has no GPU support"))
-    monkeypatch.setattr(gc, "RUNNERS", {"pipeline": failing, "training": crashing, "losses": fine})
+    monkeypatch.setattr(gc, "RUNNERS", {"pipeline": failing, "training": crashing, "losses": fine,
+                                        "decoding": decoding})
     out = tmp_path / "r.json"
     assert gc.main(["--out", str(out)]) == 1  # the exit status (sys.exit(main()) when run as a script)
-    assert ran == ["pipeline", "training", "losses"]
+    assert ran == ["pipeline", "training", "losses", "decoding"]
     report = json.loads(out.read_text())
     steps = report["steps"]
     assert report["status"] == "failed"
-    assert [steps[s]["status"] for s in gc.STEPS] == ["failed", "failed", "ok", "skipped", "skipped"]
+    assert [steps[s]["status"] for s in gc.STEPS] == ["failed", "failed", "ok", "skipped", "skipped", "ok"]
     assert steps["pipeline"]["reason"] == "GPU and CPU headline mAPs differ"
     assert steps["training"]["reason"] == "RuntimeError: CUDA error: an illegal memory access"
     assert steps["search"]["reason"] == "faiss has no GPU support"
@@ -147,6 +161,7 @@ def test_a_failed_step_does_not_stop_the_later_ones(gc, tmp_path, monkeypatch, c
     assert not (tmp_path / "r_work").exists()  # the pipeline's work folder is removed at the end
     printed = capsys.readouterr().out
     assert "result: FAILED (pipeline, training failed)" in printed and "advbct 80x" in printed
+    assert "f. decoding" in printed and "nvjpeg 5,000 img/s on the GPU" in printed
 
 
 @pytest.mark.slow
@@ -171,7 +186,12 @@ def test_steps_not_selected_are_skipped_with_that_reason(gc, tmp_path):
     assert gc.main(["--cpu-dry-run", "--steps", "losses", "--out", str(out)]) == 0
     steps = json.loads(out.read_text())["steps"]
     assert steps["losses"]["reason"] == "--cpu-dry-run: the GPU steps do not run"
-    assert {steps[s]["reason"] for s in ("pipeline", "training", "search", "collectives")} == {"not selected (--steps)"}
+    assert {steps[s]["reason"] for s in ("pipeline", "training", "search", "collectives", "decoding")} == \
+        {"not selected (--steps)"}
+    assert gc.main(["--cpu-dry-run", "--steps", "decoding", "--out", str(out)]) == 0
+    steps = json.loads(out.read_text())["steps"]
+    assert steps["decoding"]["reason"] == "--cpu-dry-run: the GPU steps do not run"
+    assert {r["reason"] for s, r in steps.items() if s != "decoding"} == {"not selected (--steps)"}
 
 
 # ------------------------------------------------------------------------------- step a: comparison
@@ -349,6 +369,118 @@ def test_collectives_on_two_gloo_processes(gc, tmp_path):
         assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 2 * (2 - 1) / 2, rel=1e-4)
     assert fig["peak_busbw_gbps"] == max(r["busbw_gbps"] for r in fig["rows"])
     assert proc.stdout.count('"world_size": 2') == 1  # rank 0 alone reports
+
+
+# ------------------------------------------------------------------------------------ step f: decoding
+def loader_result(nvjpeg_mad=0.2, cpu_mad=0.14, gpu=True):
+    """The loader suite's JSON as its --json writes it, with made-up figures (the nvjpeg row only with CUDA)."""
+    modes = {"pil": {"img_s_per_core": 131.7, "vs_pil": 1.0, "pixel_mad": 0.0},
+             "pil_draft": {"img_s_per_core": 218.6, "vs_pil": 1.66, "pixel_mad": 0.738},
+             "nvjpeg_cpu": {"img_s_per_core": 61.9, "vs_pil": 0.47, "pixel_mad": cpu_mad},
+             "preresized": {"img_s_per_core": 297.6, "vs_pil": 2.26, "pixel_mad": 1.37}}
+    if gpu:
+        modes["nvjpeg"] = {"worker_img_s_per_core": 900.1, "gpu_img_s": 5000.0, "pixel_mad": nvjpeg_mad}
+    return {"setup": {"size": 224, "images": 64, "repeats": 2, "short_side": 256, "weights": None,
+                      "arch": "resnet18", "threads": 1},
+            "folders": [{"root": "64 generated photographs", "image_size": "640x480", "images": 64,
+                         "kbytes_per_image": 70.3, "preresized_kbytes_per_image": 26.2, "modes": modes}]}
+
+
+def test_decoding_figures_of_a_good_result(gc):
+    fig = gc.decoding_figures(loader_result())
+    assert fig == {"image_size": "640x480", "images": 64, "input_size": 224,
+                   "pil_img_s_per_core": 131.7, "pil_draft_img_s_per_core": 218.6, "pil_draft_vs_pil": 1.66,
+                   "preresized_img_s_per_core": 297.6, "preresized_vs_pil": 2.26,
+                   "nvjpeg_gpu_img_s": 5000.0, "nvjpeg_worker_img_s_per_core": 900.1,
+                   "pixel_mad": {"pil": 0.0, "pil_draft": 0.738, "nvjpeg_cpu": 0.14, "preresized": 1.37,
+                                 "nvjpeg": 0.2},
+                   "pixel_tolerance": 1.5, "within_tolerance": True}
+    assert gc.NVJPEG_PIXEL_TOLERANCE == 1.5
+    gc.check_decoding(fig)  # passes
+    # only the nvjpeg paths are held to the tolerance (pil_draft and a pre-resized copy differ by design)
+    far = loader_result(nvjpeg_mad=1.5, cpu_mad=1.5)
+    far["folders"][0]["modes"]["pil_draft"]["pixel_mad"] = 9.0
+    far["folders"][0]["modes"]["preresized"]["pixel_mad"] = 12.0
+    gc.check_decoding(gc.decoding_figures(far))  # |mad| = tolerance passes
+    line = gc.step_summary("decoding", {"status": "ok", "reason": None, "figures": fig})
+    assert line == ("64 JPEGs of 640x480: nvjpeg 5,000 img/s on the GPU, pixels 0.20 levels from PIL's (CPU "
+                    "decoder 0.14; tolerance 1.5); per core: PIL 132 img/s, pil_draft 1.66x, pre-resized 2.26x, "
+                    "nvjpeg workers 900 img/s")
+
+
+def test_decoding_fails_without_the_nvjpeg_row(gc):
+    fig = gc.decoding_figures(loader_result(gpu=False))
+    assert (fig["nvjpeg_gpu_img_s"], fig["nvjpeg_worker_img_s_per_core"]) == (None, None)
+    assert set(fig["pixel_mad"]) == {"pil", "pil_draft", "nvjpeg_cpu", "preresized"}
+    assert fig["within_tolerance"] is False and fig["pil_img_s_per_core"] == 131.7  # the CPU figures are kept
+    with pytest.raises(gc.StepFailed, match=r"^nvjpeg not measured: .*torch\.cuda\.is_available\(\)"):
+        gc.check_decoding(fig)
+
+
+@pytest.mark.parametrize("nvjpeg_mad, cpu_mad, message", [
+    (3.0, 0.14, "nvjpeg pixel_mad 3.0 vs PIL exceeds the tolerance 1.5 levels"),
+    (0.2, 2.0, "nvjpeg_cpu pixel_mad 2.0 vs PIL exceeds the tolerance 1.5 levels"),
+    (40.0, 1.6, "nvjpeg pixel_mad 40.0 vs PIL exceeds the tolerance 1.5 levels; "
+                "nvjpeg_cpu pixel_mad 1.6 vs PIL exceeds the tolerance 1.5 levels"),
+    (math.nan, 0.14, "nvjpeg pixel_mad nan is not a finite number"),
+    (None, 0.14, "nvjpeg pixel_mad None is not a finite number"),
+])
+def test_decoding_fails_when_pixels_are_off(gc, nvjpeg_mad, cpu_mad, message):
+    fig = gc.decoding_figures(loader_result(nvjpeg_mad=nvjpeg_mad, cpu_mad=cpu_mad))
+    assert fig["within_tolerance"] is False
+    with pytest.raises(gc.StepFailed) as exc:
+        gc.check_decoding(fig)
+    assert str(exc.value) == message
+
+
+def test_decoding_refuses_a_malformed_suite_result(gc):
+    for result in ({}, {"folders": []}, {"folders": [None]}, []):
+        with pytest.raises(gc.StepFailed, match="^loader benchmark measured no folder"):
+            gc.decoding_figures(result)
+    broken = loader_result()
+    del broken["folders"][0]["modes"]["pil"], broken["folders"][0]["modes"]["preresized"]
+    with pytest.raises(gc.StepFailed, match=r"^loader benchmark wrote no pil, preresized row\(s\)"):
+        gc.decoding_figures(broken)
+
+
+def test_decoding_step_runs_the_loader_suite_and_keeps_its_figures(gc, tmp_path, monkeypatch):
+    """The step through run_step with a stand-in for the command: the suite's command line, its JSON read back,
+    the figures recorded even when the pixel check fails."""
+    ran = []
+
+    def fake_run_logged(cmd, log_path, timeout, env=None, what=None):
+        ran.append((cmd, log_path, timeout))
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)  # as run_logged does
+        with open(cmd[cmd.index("--json") + 1], "w") as f:
+            json.dump(loader_result(nvjpeg_mad=3.0), f)
+
+    monkeypatch.setattr(gc, "run_logged", fake_run_logged)
+    ctx = gc.Context(gc.parse_args(["--out", str(tmp_path / "r.json")]), 1)
+    ctx.deadline = time.monotonic() + 1000
+    record = gc.run_step(ctx, "decoding", 0)
+    json_out = str(tmp_path / "r_logs" / "decoding.json")
+    cmd = [sys.executable, "tools/benchmark.py", "loader", "--generate", "640x480", "--images", "64",
+           "--repeats", "2", "--json", json_out]
+    assert ran == [(cmd, str(tmp_path / "r_logs" / "decoding.log"), 90)]
+    assert record["commands"] == [shlex.join(cmd)] and record["log"] == str(tmp_path / "r_logs" / "decoding.log")
+    assert (record["status"], record["reason"]) == ("failed", "nvjpeg pixel_mad 3.0 vs PIL exceeds the tolerance "
+                                                              "1.5 levels")
+    assert record["figures"]["pixel_mad"]["nvjpeg"] == 3.0 and record["figures"]["nvjpeg_gpu_img_s"] == 5000.0
+
+
+@pytest.mark.slow
+def test_decoding_step_on_the_cpu(gc, tmp_path, monkeypatch):
+    """The step's real command with CUDA hidden: the suite's JSON is what the step reads, the CPU decoder's
+    arithmetic lies within the tolerance, and the missing GPU row fails the step by name."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    ctx = gc.Context(gc.parse_args(["--out", str(tmp_path / "r.json")]), 1)
+    record = gc.new_record("decoding")
+    with pytest.raises(gc.StepFailed, match="^nvjpeg not measured: "):
+        gc.step_decoding(ctx, record, 300)
+    fig = record["figures"]
+    assert (fig["image_size"], fig["images"], fig["input_size"]) == ("640x480", 64, 224)
+    assert fig["pil_img_s_per_core"] > 0 and fig["nvjpeg_gpu_img_s"] is None
+    assert fig["pixel_mad"]["pil"] == 0.0 and fig["pixel_mad"]["nvjpeg_cpu"] <= gc.NVJPEG_PIXEL_TOLERANCE
 
 
 # ------------------------------------------------------------------------------------ the install

@@ -16,9 +16,9 @@ import time
 import torch
 from torch.utils.data import Subset
 
+from advbct.data.decoding import ImageInput
 from advbct.data.synthetic import make_synthetic
 from advbct.evaluation.features import extract_features
-from advbct.data.decoding import ImageInput
 from advbct.evaluation.protocol import image_datasets, load_test_set
 from advbct.models import build_model
 
