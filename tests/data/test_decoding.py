@@ -159,3 +159,23 @@ def test_a_corrupt_jpeg_body_names_the_file_at_decoding(tmp_path):
     with pytest.raises(UserError, match=r"cut.jpg: unreadable or corrupt JPEG") as err:
         decode_on_device(batch, (16, 16), "cpu")
     assert "good.jpg" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_every_mode_on_the_tiny_benchmark(tiny_synthetic):
+    """The tiny synthetic benchmark's ROxford gallery (64 px JPEGs) at 32 px: pil gives the former pipeline's
+    tensors to the bit; pil_draft (decoded at half size) and the nvjpeg path stay within bounded differences."""
+    from advbct.evaluation.protocol import image_datasets, load_test_set
+
+    ts = load_test_set("roxford5k", str(tiny_synthetic / "ROxfordParis"))
+    _, pil_ds = image_datasets(ts, ImageInput(32))
+    pil = _batch(pil_ds)[0]
+    former = torch.stack([_former(32)(Image.open(p).convert("RGB")) for p in ts.gallery_paths])
+    assert torch.equal(pil_ds.to_device(pil, "cpu"), former)
+    _, draft_ds = image_datasets(ts, ImageInput(32, "pil_draft"))
+    assert load_image(ts.gallery_paths[0], draft=(32, 32)).size == (32, 32)  # 64 px: the 1/2 scale
+    draft_diff = (_batch(draft_ds)[0].float() - pil.float()).abs()
+    assert 0.5 < draft_diff.mean() < 6.0, float(draft_diff.mean())
+    _, gpu_ds = image_datasets(ts, ImageInput(32, "nvjpeg"))
+    gpu_diff = (decode_on_device(_batch(gpu_ds)[0], (32, 32), "cpu") - pil.float()).abs()
+    assert gpu_diff.mean() < 0.5 and gpu_diff.max() <= 2, (float(gpu_diff.mean()), float(gpu_diff.max()))

@@ -57,3 +57,10 @@ def test_no_images_is_one_line(benchmark_tools, capsys):
         benchmark_tools.cli.main(["loader"])
     assert exc.value.code == 2 and capsys.readouterr().err.strip() == \
         "error: loader: give --generate WxH[,WxH] and/or --data ROOT"
+
+
+def test_nvjpeg_workers_only_read_and_the_copy_reports_its_rate(loader_figures):
+    folder = loader_figures["shrunk"]["folders"][0]
+    read = folder["modes"]["nvjpeg_read"]
+    assert set(read) == {"img_s_per_core", "vs_pil"} and read["img_s_per_core"] > 0  # no pixels, no fidelity
+    assert folder["preresize_img_s_per_core"] > 0

@@ -11,7 +11,9 @@ images through each way of making a ``--size`` model input from a file:
   torchvision's CPU decoder: its fidelity here, the GPU's own decoder with CUDA (``nvjpeg``, then also its
   GPU throughput and the workers' per-core cost of reading bytes);
 - ``preresized``: ``pil`` on a copy pre-resized to a short side of ``--short-side`` by
-  ``tools/preresize.py`` (made once, untimed).
+  ``tools/preresize.py`` (made once, on one core: its rate is reported as ``preresize_img_s_per_core``);
+- ``nvjpeg_read``: what nvjpeg's DataLoader workers do per image (read the bytes, parse the header, draw
+  the crop and flip), no pixel decoded.
 
 Per mode: images/s per core (median of ``--repeats`` passes), the ratio to ``pil`` in the same run, and
 the fidelity against ``pil``: mean absolute difference of the uint8 model inputs (0-255 scale), and, with
@@ -102,8 +104,8 @@ def _measure_folder(root, args, model, paths=None):
     pil_in = ImageInput(args.size)
     rows, pixels = {}, {}
     with tempfile.TemporaryDirectory(prefix="advbct-preresized-") as tmp:
-        # the copy covers the whole root (lists valid), but only the measured images' share is timed
-        preresize(root, tmp, short_side=args.short_side, progress=False)
+        # the copy covers the whole root (lists valid); one worker: its rate is per core
+        made = preresize(root, tmp, short_side=args.short_side, workers=1, progress=False)
         small = [os.path.join(tmp, os.path.relpath(p, root)) for p in paths]
         runs = {
             "pil": lambda: _pixels_pil(paths, pil_in),
@@ -115,6 +117,9 @@ def _measure_folder(root, args, model, paths=None):
             seconds = _timed(fn, args.repeats)
             pixels[mode] = fn()
             rows[mode] = {"img_s_per_core": round(len(paths) / seconds, 1)}
+        nvjpeg = ImageInput(args.size, "nvjpeg")  # what its DataLoader workers do: no pixel decoded
+        rows["nvjpeg_read"] = {"img_s_per_core": round(len(paths) / _timed(
+            lambda: [nvjpeg.read(p) for p in paths], args.repeats), 1)}
         small_bytes = float(np.mean([os.path.getsize(p) for p in small]))
     if torch.cuda.is_available():
         rows["nvjpeg"] = _measure_gpu(paths, args)
@@ -124,6 +129,8 @@ def _measure_folder(root, args, model, paths=None):
     for mode, row in rows.items():
         if "img_s_per_core" in row:
             row["vs_pil"] = round(row["img_s_per_core"] / rows["pil"]["img_s_per_core"], 2)
+        if mode not in pixels:  # nvjpeg_read makes no pixels
+            continue
         row["pixel_mad"] = round(float((pixels[mode].float() - ref).abs().mean()), 3)
         if model is not None:
             cos = (_embed(model, pixels[mode]) * emb_ref).sum(1)
@@ -132,7 +139,8 @@ def _measure_folder(root, args, model, paths=None):
         w, h = img.size
     return {"root": root, "image_size": f"{w}x{h}", "images": len(paths),
             "kbytes_per_image": round(float(np.mean(sizes)) / 1024, 1),
-            "preresized_kbytes_per_image": round(small_bytes / 1024, 1), "modes": rows}
+            "preresized_kbytes_per_image": round(small_bytes / 1024, 1),
+            "preresize_img_s_per_core": made["images_per_s"], "modes": rows}
 
 
 def _measure_gpu(paths, args):
