@@ -64,3 +64,27 @@ def test_nvjpeg_workers_only_read_and_the_copy_reports_its_rate(loader_figures):
     read = folder["modes"]["nvjpeg_read"]
     assert set(read) == {"img_s_per_core", "vs_pil"} and read["img_s_per_core"] > 0  # no pixels, no fidelity
     assert folder["preresize_img_s_per_core"] > 0
+
+
+def test_pink_noise_has_a_one_over_f_spectrum_and_is_measured_beside(benchmark_tools, tmp_path):
+    """Radially averaged amplitude of the written noise falls as 1/f (log-log slope near -1, JPEG's loss
+    aside), and --pink adds one folder per size."""
+    import numpy as np
+    from PIL import Image
+
+    loader = benchmark_tools.suite("loader")
+    (path,) = loader.write_pink_noise(tmp_path, (256, 192), 1)
+    grey = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    amp = np.abs(np.fft.rfft2(grey - grey.mean()))
+    f = np.sqrt(np.fft.fftfreq(192)[:, None] ** 2 + np.fft.rfftfreq(256)[None, :] ** 2)
+    bands = np.logspace(np.log10(0.01), np.log10(0.2), 8)
+    mean_amp = [amp[(f >= lo) & (f < hi)].mean() for lo, hi in zip(bands[:-1], bands[1:])]
+    centres = np.sqrt(bands[:-1] * bands[1:])
+    slope = np.polyfit(np.log(centres), np.log(mean_amp), 1)[0]
+    assert -1.3 < slope < -0.7, slope
+    out = tmp_path / "pink.json"
+    benchmark_tools.cli.main(["loader", "--generate", "96x72", "--images", "2", "--size", "16", "--repeats", "1",
+                              "--pink", "--json", str(out)])
+    import json
+    roots = [f["root"] for f in json.loads(out.read_text())["folders"]]
+    assert roots == ["2 generated photographs", "2 pink-noise JPEGs"]

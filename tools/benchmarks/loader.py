@@ -19,7 +19,7 @@ Per mode: images/s per core (median of ``--repeats`` passes), the ratio to ``pil
 the fidelity against ``pil``: mean absolute difference of the uint8 model inputs (0-255 scale), and, with
 ``--weights``, the mean and minimum cosine between embeddings of the same images by that trained model.
 
-    python tools/benchmark.py loader --generate 1024x768,640x480 --weights output/demo/old/final.pth \\
+    python tools/benchmark.py loader --generate 1024x768,640x480 --pink --weights output/demo/old/final.pth \\
         [--data ROOT ...] [--size 224] [--images 128] [--json OUT.json]
 """
 
@@ -48,6 +48,9 @@ def add_arguments(parser):
                         help="benchmark roots (tools/make_synthetic.py --image-size WxH), their galleries sampled")
     parser.add_argument("--generate", default="",
                         help="comma-separated WxH: --images synthetic photographs of each size, in a temporary folder")
+    parser.add_argument("--pink", action="store_true",
+                        help="also --images colour 1/f (pink) noise JPEGs of each --generate size: natural images' "
+                             "spectrum with more detail than photographs have, so a lower bound on the rates")
     parser.add_argument("--images", type=int, default=128, help="images per folder (default 128)")
     parser.add_argument("--size", type=int, default=224, help="model input size (default 224, the release's)")
     parser.add_argument("--short-side", type=int, default=256, help="short side of the pre-resized copy (256)")
@@ -64,6 +67,25 @@ def gallery_images(root, n):
     for spec in test_sets.specs():
         paths += list(spec.read(os.path.join(root, spec.synthetic_root), "private", False).gallery_paths)
     return paths[:: max(1, len(paths) // n)][:n]
+
+
+def write_pink_noise(out, frame, count, seed=0, quality=90):
+    """``count`` JPEGs of colour noise with a 1/f amplitude spectrum (natural images' second-order
+    statistics), ``frame`` = (w, h), in ``out``; returns their paths."""
+    w, h = frame
+    rng = np.random.default_rng(seed)
+    freq = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2)
+    freq[0, 0] = 1.0
+    mixing = np.array([[1.0, 0.8, 0.7], [0.1, 0.3, 0.2], [0.05, 0.1, 0.3]])  # correlated colour channels
+    paths = []
+    for i in range(count):
+        spectra = (rng.normal(size=(3, *freq.shape)) + 1j * rng.normal(size=(3, *freq.shape))) / freq
+        planes = np.fft.irfft2(spectra, s=(h, w))
+        planes = (planes - planes.mean(axis=(1, 2), keepdims=True)) / planes.std(axis=(1, 2), keepdims=True)
+        pixels = np.clip(128 + 45 * np.moveaxis(planes, 0, -1) @ mixing, 0, 255).astype(np.uint8)
+        paths.append(os.path.join(str(out), f"pink_{w}x{h}_{i:05d}.jpg"))
+        Image.fromarray(pixels).save(paths[-1], "JPEG", quality=quality)
+    return paths
 
 
 def _timed(fn, repeats):
@@ -170,10 +192,14 @@ def run(args):
     if not (frames or args.data):
         raise UserError("loader: give --generate WxH[,WxH] and/or --data ROOT")
     folders = []
+    writers = {"generated photographs": write_photos}
+    if args.pink:
+        writers["pink-noise JPEGs"] = write_pink_noise
     for frame in frames:
-        with tempfile.TemporaryDirectory(prefix="advbct-photos-") as tmp:
-            folders.append(_measure_folder(tmp, args, model, write_photos(tmp, frame, args.images)))
-            folders[-1]["root"] = f"{args.images} generated photographs"
+        for what, write in writers.items():
+            with tempfile.TemporaryDirectory(prefix="advbct-photos-") as tmp:
+                folders.append(_measure_folder(tmp, args, model, write(tmp, frame, args.images)))
+                folders[-1]["root"] = f"{args.images} {what}"
     folders += [_measure_folder(root, args, model) for root in args.data]
     return {"setup": {"size": args.size, "images": args.images, "repeats": args.repeats,
                       "short_side": args.short_side, "weights": args.weights or None, "arch": args.arch,
