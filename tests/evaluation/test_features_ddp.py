@@ -83,7 +83,7 @@ def test_two_process_extraction_equals_single_process(tiny_synthetic, tmp_path):
     ds = dataset(root)
     model.eval()
     with torch.no_grad():
-        alone = torch.cat([model(ds[i][0][None])["feat"] for i in range(N_IMAGES)])
+        alone = torch.cat([model(ds.to_device(ds[i][0][None], "cpu"))["feat"] for i in range(N_IMAGES)])
     torch.testing.assert_close(single, alone, atol=1e-5, rtol=1e-5)
     # rows are distinct, so a shuffled order could not pass
     assert torch.cdist(single, single).add(torch.eye(N_IMAGES) * 1e9).min() > 1e-3
