@@ -1,9 +1,18 @@
 """Shared helpers for the thin entry points in ``tools/``."""
 
+import argparse
 import functools
 import sys
 
 from advbct.errors import UserError, one_line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a missing or unknown option, a wrong type) end as one line through
+    :func:`guarded` (``error: PROG: MESSAGE``, exit status 2) instead of the usage text and a second line."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def guarded(main):
@@ -26,13 +35,11 @@ def guarded(main):
 def config_main(description, run, argv=None):
     """The original's command line (``--cfg FILE`` then ``KEY VALUE`` pairs): load the config, call
     ``run(cfg)``, always tear down the process group; user errors end as one line (``guarded``)."""
-    import argparse
-
     from advbct.config import add_config_arguments, load_config
 
     @guarded
     def main():
-        parser = add_config_arguments(argparse.ArgumentParser(description=description))
+        parser = add_config_arguments(ArgumentParser(description=description))
         args = parser.parse_args(argv)
         cfg = load_config(args.cfg, args.opts)
         from advbct import distributed as dist

@@ -81,6 +81,8 @@ DEFAULTS = {
         "EVAL_FREQ": (0, "evaluate self/cross-test every N epochs; 0 = never during training"),
         "PRINT_FREQ": (20, "log every N iterations"),
         "RESUME": ("", "'' (fresh), 'auto' (OUTPUT/last.pth if present) or a checkpoint path"),
+        "OVERWRITE": (False, "start afresh in an OUTPUT that holds a run (refused without it): that run's "
+                      "checkpoints, log.txt and tb/ events are removed once every input is checked"),
         "MAX_ITERS_PER_EPOCH": (0, "cap iterations per epoch (smoke tests); 0 = full epoch"),
     },
     # TYPE, WEIGHT, META_PATH and every registered method's options, declared in the method's own file
@@ -221,8 +223,12 @@ def _flatten(tree, prefix=""):
             yield prefix + str(k), v
 
 
-def _parse_value(text):
-    """Parse a command-line value the way YAML would (``0.1``, ``true``, ``[5, 10]``); else a string."""
+def _parse_value(text, default):
+    """A command-line value for a key whose default is ``default``: for a string key the text itself, verbatim
+    (``run #2``, ``2024``, quotes kept); for a typed key parsed as YAML would (``0.1``, ``true``, ``[5, 10]``),
+    where a ``#`` is no comment but a wrong value (the text is kept, so the type check names it)."""
+    if not isinstance(text, str) or isinstance(default, str) or "#" in text:
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -262,7 +268,8 @@ def load_config(cfg_file=None, overrides=()):
     if len(overrides) % 2:
         raise UserError(f"command line: overrides come in KEY VALUE pairs; '{overrides[-1]}' has no value")
     for key, text in zip(overrides[::2], overrides[1::2]):
-        _set(cfg, key, _parse_value(text), "command line")
+        default, _ = _lookup_spec(key, "command line")
+        _set(cfg, key, _parse_value(text, default), "command line")
     return cfg
 
 

@@ -84,11 +84,25 @@ def iqr_filter(values: torch.Tensor, labels: torch.Tensor, num_classes: int):
     return r_max, r_min, n_kept
 
 
-def compute_meta(features, labels, num_classes: int, chunk_size: int = 262144) -> ClassMeta:
+def check_finite_features(features, labels, source="features", chunk_size: int = 262144) -> None:
+    """Refuse NaN/inf rows in one line naming the classes they belong to (a NaN center would reach
+    the compatibility loss of every batch of that class); checked ``chunk_size`` rows at a time."""
+    finite = torch.cat([torch.isfinite(features[s:s + chunk_size]).all(dim=1)
+                        for s in range(0, features.shape[0], chunk_size)] or [torch.ones(0, dtype=torch.bool)])
+    if bool(finite.all()):
+        return
+    classes = torch.unique(labels[~finite.to(labels.device)]).tolist()
+    shown = ", ".join(str(c) for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
+    raise UserError(f"{source}: NaN or inf features for {int((~finite).sum())} image(s) of {len(classes)} "
+                    f"class(es) (ids {shown}); no class meta written")
+
+
+def compute_meta(features, labels, num_classes: int, chunk_size: int = 262144, source="features") -> ClassMeta:
     """Class meta of old-model ``features`` (N, D) with integer ``labels`` (N,) in [0, num_classes).
 
     Runs on the features' device in chunks of ``chunk_size`` rows (1.58 M × 256 fits in a few GB).
-    Radii/angles are computed in float32 like the original, the IQR rule in float64.
+    Radii/angles are computed in float32 like the original, the IQR rule in float64. NaN/inf features
+    are refused (UserError naming ``source`` and the classes).
     """
     features = torch.as_tensor(features)
     labels = torch.as_tensor(labels).long().reshape(-1)
@@ -99,6 +113,7 @@ def compute_meta(features, labels, num_classes: int, chunk_size: int = 262144) -
     n, dim = features.shape
     device = features.device
     labels = labels.to(device)
+    check_finite_features(features, labels, source, chunk_size)
     counts = torch.bincount(labels, minlength=num_classes)
     sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
     for s in range(0, n, chunk_size):

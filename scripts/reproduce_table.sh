@@ -5,7 +5,8 @@
 # AdvBCT, evaluates every model on rparis6k, roxford5k and gldv2 (self, cross, backfilling curve) and
 # writes output/reproduce/<alloc>_<backbone>[_synthetic-<preset>]/table.{md,json} in the paper's layout
 # (beside the paper's numbers on the real datasets) and backfill.{json,png}. Finished steps are skipped,
-# so an interrupted run continues where it stopped. NGPUS processes per step (default: visible GPUs or 1).
+# so an interrupted run continues where it stopped (a killed training from its last full epoch). NGPUS
+# processes per step (default: visible GPUs or 1).
 # The compatible rows use the old model's final checkpoint; --old-epoch N uses its epoch-N checkpoint instead
 # (10: the release's configs), with its own meta and output/reproduce/<block>[...]_old-epochN/.
 set -euo pipefail

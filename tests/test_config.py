@@ -1,5 +1,6 @@
 """Config: defaults, YAML merge, KEY VALUE overrides, and errors that name the key."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -67,6 +68,24 @@ def test_bad_overrides_name_the_key(overrides, needle):
         load_config(None, overrides)
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_string_keys_take_the_value_verbatim_and_typed_keys_are_still_checked(tmp_path):
+    """A string key's value is the text itself: '#' is no comment, quotes stay, digits stay a string
+    (YAML would cut ``run #2`` to ``run``, read ``2024`` as a number and drop the quotes)."""
+    values = {"OUTPUT": "output/run #2", "MODEL.ARCH": "2024", "EVAL.SAVE_DIR": '"quoted" and \'single\'',
+              "TRAIN.RESUME": "", "EVAL.ROOT": "a: b, [c]"}
+    cfg = load_config(None, [x for kv in values.items() for x in kv])
+    got = {k: cfg[k.split(".")[0]][k.split(".")[1]] if "." in k else cfg[k] for k in values}
+    assert got == values
+    save_config(cfg, str(tmp_path / "config.yaml"))  # and config.yaml records them as given
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    assert load_config(None, ["TRAIN.LR", "0.05", "TRAIN.LR_STEPS", "[2, 4]", "EVAL.AMP", "true"]).TRAIN.LR == 0.05
+    for key, text, expects in (("TRAIN.LR", "0.1 # smaller", "a number"), ("TRAIN.EPOCHS", "#3", "an integer"),
+                               ("EVAL.AMP", "true #", "true/false"), ("TRAIN.LR_STEPS", "[5] # x", "a list"),
+                               ("TRAIN.LR", "fast", "a number")):
+        with pytest.raises(UserError, match=f"config key '{key}' expects {expects}, got '{re.escape(text)}'"):
+            load_config(None, [key, text])
 
 
 def test_bad_yaml_key_names_file_and_closest(tmp_path):

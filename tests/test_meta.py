@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -201,3 +202,45 @@ def test_meta_to_device_keeps_values():
     meta = _random_meta(2)
     moved = meta.to("cpu")
     assert isinstance(moved, ClassMeta) and torch.equal(moved.centers, meta.centers)
+
+
+def test_compute_meta_refuses_nan_features_naming_the_classes():
+    """A NaN or inf feature would make its class center NaN: refused, the classes named (first five ids)."""
+    labels = torch.arange(40) % 10
+    feats = torch.randn(40, 4)
+    feats[:7, 1] = float("nan")
+    with pytest.raises(UserError, match=r"^features: NaN or inf features for 7 image\(s\) of 7 class\(es\) "
+                                        r"\(ids 0, 1, 2, 3, 4, \.\.\.\); no class meta written$"):
+        compute_meta(feats, labels, 10)
+    feats = torch.randn(40, 4)
+    feats[[3, 13, 7]] = float("nan")  # classes 3 (twice) and 7
+    feats[9, 0] = float("inf")        # class 9
+    with pytest.raises(UserError) as info:
+        compute_meta(feats, labels, 10, source="old.pth")
+    assert str(info.value) == ("old.pth: NaN or inf features for 4 image(s) of 3 class(es) (ids 3, 7, 9); "
+                               "no class meta written")
+
+
+def test_extract_meta_with_nan_features_writes_nothing(image_list, random_checkpoint, tmp_path, monkeypatch):
+    """NaN features of the old model (e.g. a bf16 overflow) end the extraction in one line naming the checkpoint
+    and the classes; no meta file and no temporary are left."""
+    from advbct.config import load_config
+    from advbct.engine import meta_extraction
+
+    def nan_for_class_2(model, dataset, **kwargs):
+        feats = torch.randn(len(dataset), model.embed_dim)
+        feats[torch.as_tensor(dataset.labels) == 2] = float("nan")
+        return feats
+
+    monkeypatch.setattr(meta_extraction, "extract_features", nan_for_class_2)
+    old = random_checkpoint(7, 32, 4)
+    out = tmp_path / "meta"
+    cfg = load_config(None, ["OLD_MODEL.WEIGHTS", old, "COMP_LOSS.META_PATH", str(out / "meta.pt"),
+                             "META.TRAIN_LIST", str(image_list / "train.txt"), "DATA.ROOT", str(image_list),
+                             "DATA.IMG_SIZE", "32", "EVAL.NUM_WORKERS", "0"])
+    out.mkdir()
+    with pytest.raises(UserError) as info:
+        meta_extraction.extract_meta(cfg, progress=False)
+    assert str(info.value) == (f"OLD_MODEL.WEIGHTS {old}: NaN or inf features for 8 image(s) of 1 class(es) (ids 2); "
+                               "no class meta written")
+    assert os.listdir(out) == []

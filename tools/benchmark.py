@@ -4,7 +4,6 @@
     torchrun --standalone --nproc_per_node=N tools/benchmark.py collectives [options] [--json OUT.json]
 """
 
-import argparse
 import importlib
 import json
 import os
@@ -14,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/benchmarks/ as a package
 
-from advbct.cli import guarded  # noqa: E402
+from advbct.cli import ArgumentParser, guarded  # noqa: E402
 from advbct.io import atomic_open  # noqa: E402
 
 SUITES = ("metrics", "search", "extraction", "loader", "losses", "training", "collectives")
@@ -30,7 +29,7 @@ def machine():
 
 @guarded
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)
     for name in SUITES:
         module = importlib.import_module(f"benchmarks.{name}")

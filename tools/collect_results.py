@@ -4,10 +4,9 @@
         --method AdvBCT=output/demo/eval/advbct --block class --out output/demo/table.json
 """
 
-import argparse
 import os
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.errors import UserError
 from advbct.evaluation import test_sets
 from advbct.evaluation.collect import collect_block, criterion_report
@@ -17,7 +16,7 @@ from advbct.io import write_json_atomic, write_text_atomic
 
 @guarded
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--independent", required=True, help="evaluation folder of φ* (also gives old self-test)")
     p.add_argument("--method", action="append", default=[], help="NAME=FOLDER, repeatable")
     p.add_argument("--datasets", nargs="+", default=list(test_sets.names()),

@@ -5,12 +5,11 @@
 Numbers in percent: revisited E/M/H mAP and mP@1,5,10, or GLDv2 mAP@100. Images are not needed.
 """
 
-import argparse
 import os
 
 import numpy as np
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.errors import UserError
 from advbct.evaluation import test_sets
 from advbct.evaluation.protocol import check_features, load_test_set, score
@@ -33,7 +32,7 @@ def load_features(path, what):
 
 @guarded
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, choices=test_sets.names())
     p.add_argument("--root", required=True, help="dataset root (see Dataset.md)")
     p.add_argument("--query", required=True, help="query features .npy (n_query x d)")

@@ -640,10 +640,13 @@ def step_collectives(ctx, record, timeout):
         raise StepFailed(f"all-reduce returned wrong sums at sizes {wrong} (bytes)")
 
 
+DECODING_IMAGES = 64  # generated 640x480 JPEGs the decoding step measures
+
+
 def decoding_command(python, json_out):
-    """The loader suite on 64 generated 640x480 JPEGs (its nvjpeg row needs CUDA in that process)."""
-    return [python, "tools/benchmark.py", "loader", "--generate", "640x480", "--images", "64", "--repeats", "2",
-            "--json", json_out]
+    """The loader suite on DECODING_IMAGES generated 640x480 JPEGs (its nvjpeg row needs CUDA in that process)."""
+    return [python, "tools/benchmark.py", "loader", "--generate", "640x480", "--images", str(DECODING_IMAGES),
+            "--repeats", "2", "--json", json_out]
 
 
 def step_decoding(ctx, record, timeout):

@@ -6,16 +6,15 @@ Writes OUT/gldv2 (images, official CSVs, and the lists of tools/prepare_gldv2.py
 (gnd_roxford5k.pkl, gnd_rparis6k.pkl, roxford5k/jpg, rparis6k/jpg) and OUT/SYNTHETIC.json (see Dataset.md).
 """
 
-import argparse
 import json
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.data.synthetic import PRESETS, make_synthetic, parse_frame
 
 
 @guarded
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="size (default small)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -6,12 +6,12 @@ Example: python tools/make_table.py --from-json output/table.json --markdown out
 
 import argparse
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.evaluation.reporting import make_table
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from-json", required=True, metavar="T.json",
                         help="results table (schema of paper_table.json: datasets, blocks.*.old/independent/methods)")
     parser.add_argument("--json", metavar="OUT.json", help="write the table with computed P values here")

@@ -4,15 +4,14 @@
 writes OUT.json (always) and OUT.png (when matplotlib is installed: pip install -e .[plot]).
 """
 
-import argparse
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.evaluation.backfill_report import write_backfill_report
 
 
 @guarded
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--eval-dir", required=True, help="folder with <model>/<dataset>/results.json")
     p.add_argument("--out", required=True, help="output prefix (.json and .png are appended)")
     args = p.parse_args(argv)

@@ -4,14 +4,13 @@ Example: python tools/prepare_gldv2.py --csv-dir data/GLDv2 --image-root data/GL
 (see Dataset.md for the files it writes).
 """
 
-import argparse
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.data.gldv2 import prepare_gldv2
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv-dir", required=True,
                         help="folder with train_clean.csv, index.csv, retrieval_solution_v2.1.csv "
                              "(and optionally train.csv, test.csv, which are cross-checked)")

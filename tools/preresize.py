@@ -7,17 +7,16 @@ DATA.ROOT / EVAL.ROOT can point at the copy. Resumable: rerun the same command a
 summary as JSON; exits 1 when written files failed their check (listed; a rerun retries them).
 """
 
-import argparse
 import json
 import sys
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.data.preresize import preresize
 
 
 @guarded
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", required=True, help="dataset root to copy")
     parser.add_argument("--dst", required=True, help="new root (created; or a copy of --src to finish)")
     parser.add_argument("--short-side", type=int, default=256, help="short side of the resized images (default 256)")

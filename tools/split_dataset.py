@@ -3,15 +3,14 @@
     python tools/split_dataset.py --list data/gldv2/gldv2_train_list.txt --by class --ratio 0.3
 """
 
-import argparse
 
-from advbct.cli import guarded
+from advbct.cli import ArgumentParser, guarded
 from advbct.data.splits import make_allocation
 
 
 @guarded
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--list", required=True, help="full train list ('relative/path label' lines)")
     p.add_argument("--by", required=True, choices=["class", "data"], help="allocation type")
     p.add_argument("--ratio", type=float, default=0.3, help="old share (default 0.3)")

@@ -61,6 +61,8 @@ def read_image_list(path, root=None, num_classes=None):
             f"{path}:{line_no}: expected 'relative/path label' (2 fields), got {int(counts[bad[0]])} fields"
         )
     line_of_entry = np.flatnonzero(counts == 2)  # 0-based line index of every entry, for messages
+    if len(line_of_entry) == 0:
+        raise UserError(f"{path}: image list has no entries (expected 'relative/path label' lines)")
     tokens = data.split()
     raw_paths = np.array(tokens[0::2], dtype=bytes) if tokens else np.zeros(0, dtype="S1")
     raw_labels = np.array(tokens[1::2], dtype=bytes) if tokens else np.zeros(0, dtype="S1")

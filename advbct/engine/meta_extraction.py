@@ -16,7 +16,8 @@ def extract_meta(cfg, progress=True):
     """Features of META.TRAIN_LIST by OLD_MODEL -> per-class centers and radii -> COMP_LOSS.META_PATH.
 
     Every rank embeds a shard; rank 0 gathers the features, computes the meta, writes it and returns it
-    (the other ranks return None once it is written)."""
+    (the other ranks return None once it is written). NaN/inf features are refused before anything is
+    written, on every rank."""
     out = cfg.COMP_LOSS.META_PATH
     if not out:
         raise UserError("COMP_LOSS.META_PATH is empty: where should the meta file be written?")
@@ -34,9 +35,12 @@ def extract_meta(cfg, progress=True):
     feats = extract_features(model, dataset, batch_size=cfg.EVAL.BATCH_SIZE,
                              num_workers=resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS"), device=device, amp=cfg.EVAL.AMP,
                              desc="embed old training set", progress=progress)
-    meta = None
-    if dist.is_main_process():
-        meta = compute_meta(feats, torch.as_tensor(labels), num_classes)
-        save_meta(out, meta)
-    dist.barrier()
-    return meta
+    written = {}
+
+    def compute_and_write():  # rank 0; its error (e.g. NaN features) reaches every rank, nothing written
+        written["meta"] = compute_meta(feats, torch.as_tensor(labels), num_classes,
+                                       source=f"OLD_MODEL.WEIGHTS {cfg.OLD_MODEL.WEIGHTS}")
+        save_meta(out, written["meta"])
+
+    dist.run_on_main(compute_and_write)
+    return written.get("meta")

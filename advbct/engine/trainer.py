@@ -3,12 +3,16 @@
 Plain DDP as torchvision's reference scripts: torchrun sets the ranks, a DistributedSampler shards the
 list, SGD + MultiStepLR per epoch. The loss is L_cls (+ COMP_LOSS.WEIGHT x compatibility term). Each
 epoch ends with an atomic ``last.pth``, so a killed run loses at most the epoch in progress.
+
+Every input (data, models, old checkpoint, meta, evaluation set, the checkpoint to resume and OUTPUT
+itself) is checked before the first file is written: a refused run leaves OUTPUT as it found it.
 """
 
 import logging
 import math
 import os
 import random
+import re
 import time
 
 import numpy as np
@@ -26,11 +30,25 @@ from advbct.engine.builders import build_compatibility, build_new_model, build_t
 from advbct.engine.precision import autocast_context, memory_format, resolve_amp
 from advbct.engine.sync_bn import convert_sync_batchnorm
 from advbct.errors import NonFiniteLossError, UserError
+from advbct.io import is_temporary
 from advbct.models import load_checkpoint, save_checkpoint
 
 LAST = "last.pth"
 FINAL = "final.pth"
+CONFIG = "config.yaml"
+LOG = "log.txt"
+TB = "tb"
+EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
 RELEASE_GLOBAL_BATCH = 4 * 256  # the release's recipe: 4 GPUs x 256 images
+RESUMABLE_PARTS = ("model", "optimizer", "scheduler", "rng", "epoch", "config")  # what _state writes
+
+# The config keys a resumed run may set otherwise than the checkpoint it continues (``.*``: a whole
+# section): how long to train (TRAIN.EPOCHS; the LR milestones stay as saved), how often to log, save and
+# evaluate, the evaluation itself, where to write, and how to compute (precision, memory layout, loader
+# workers). Every other key changes the training itself: a resume that sets one otherwise is refused.
+RESUME_MAY_CHANGE = ("OUTPUT", "TRAIN.RESUME", "TRAIN.OVERWRITE", "TRAIN.EPOCHS", "TRAIN.PRINT_FREQ",
+                     "TRAIN.SAVE_FREQ", "TRAIN.EVAL_FREQ", "TRAIN.AMP", "TRAIN.CHANNELS_LAST",
+                     "DATA.NUM_WORKERS", "EVAL.*", "NEW_MODEL.*")
 
 
 def seed_everything(seed):
@@ -39,20 +57,104 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def setup_logger(output_dir, rank):
+LOG_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
+
+class _HeldRecords(logging.Handler):
+    """Keeps the records logged before OUTPUT may be written, for log.txt once it is opened."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logger(rank):
+    """The ``advbct`` logger: the console at once; on rank 0 also log.txt, whose records are held until
+    :func:`open_log_file` (nothing is written into OUTPUT before every input is checked)."""
     logger = logging.getLogger("advbct")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    if rank == 0:
-        fh = logging.FileHandler(os.path.join(output_dir, "log.txt"))
-        fh.setFormatter(fmt)
-        logger.addHandler(fh)
     sh = logging.StreamHandler()
-    sh.setFormatter(fmt)
+    sh.setFormatter(LOG_FORMAT)
     logger.addHandler(sh)
+    if rank == 0:
+        logger.addHandler(_HeldRecords())
     return logger
+
+
+def open_log_file(logger, output_dir):
+    """Append ``logger``'s records to ``output_dir``/log.txt from now on, those held so far first."""
+    fh = logging.FileHandler(os.path.join(output_dir, LOG))
+    fh.setFormatter(LOG_FORMAT)
+    for handler in list(logger.handlers):
+        if isinstance(handler, _HeldRecords):
+            logger.removeHandler(handler)
+            for record in handler.records:
+                fh.handle(record)
+    logger.addHandler(fh)
+
+
+def run_files(folder):
+    """The checkpoints of a run in ``folder`` (last.pth, final.pth, epoch_N.pth by N); [] when none."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    epochs = sorted((int(m.group(1)), n) for n in names if (m := EPOCH_CHECKPOINT.match(n)))
+    return [n for n in (LAST, FINAL) if n in names] + [n for _, n in epochs]
+
+
+def _either(names):
+    """``a``, ``a or b``, ``a, b or c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _listed(names, most=4):
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def read_resumable(path):
+    """The checkpoint at ``path`` if it can continue a run (what ``Trainer._state`` writes); a UserError
+    naming what it lacks and the files of its folder that can, otherwise (e.g. a weights-only final.pth)."""
+    state = load_checkpoint(path)
+    missing = [k for k in RESUMABLE_PARTS if k not in state]
+    if not missing:
+        return state
+    what = "weights only; " if "model" in state else ""
+    folder = os.path.dirname(os.path.abspath(path))
+    usable = [n for n in run_files(folder) if n != FINAL and not os.path.samefile(os.path.join(folder, n), path)]
+    hint = (f"resume from {_either(usable)} in its folder" if usable
+            else "its folder holds no last.pth or epoch_N.pth to resume from")
+    raise UserError(f"{path}: not a resumable checkpoint ({what}it lacks {', '.join(missing)}): {hint}")
+
+
+def flat_config(tree, prefix=""):
+    """``{"SECTION.KEY": value}`` of a nested config dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def may_change_on_resume(key):
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUME_MAY_CHANGE)
+
+
+def _shown(value):
+    """A config value as on the command line (``true``, ``''``, ``[5, 10]``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "''" if value == "" else str(value)
 
 
 def periodic_eval_set(cfg):
@@ -73,23 +175,26 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.rank, self.world, self.device = dist.init_distributed()
-        os.makedirs(cfg.OUTPUT, exist_ok=True)
-        self.log = setup_logger(cfg.OUTPUT, self.rank)
+        self.log = setup_logger(self.rank)  # log.txt gets these lines once OUTPUT may be written
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed-size batches: the fastest kernels, tuned once
         # TRAIN.AMP auto becomes the precision used here, which config.yaml and the checkpoints record
         cfg.TRAIN.AMP, note = resolve_amp(cfg.TRAIN.AMP, self.device)
         if note:
             self.log.info(note)
-        if self.rank == 0:
-            save_config(cfg, os.path.join(cfg.OUTPUT, "config.yaml"))
+        # rank 0's OUTPUT and checkpoint decide for every rank: the others may not see its filesystem
+        self.resume_path, state = dist.run_on_main(self._inspect_output)
+        if state is not None:
+            self._adopt_config(state)
         seed_everything(cfg.SEED)
 
         num_classes = cfg.MODEL.NUM_CLASSES or None
         self.dataset, labels = build_train_dataset(cfg, self.device, num_classes=num_classes)
         self.num_classes = num_classes or int(labels.max()) + 1
-        if cfg.TRAIN.BATCH_SIZE <= 0 or cfg.TRAIN.EPOCHS <= 0:
-            raise UserError("TRAIN.BATCH_SIZE and TRAIN.EPOCHS must be positive")
+        t = cfg.TRAIN
+        if min(t.BATCH_SIZE, t.EPOCHS, t.SAVE_FREQ, t.PRINT_FREQ) <= 0 or t.EVAL_FREQ < 0:
+            raise UserError("TRAIN.BATCH_SIZE, TRAIN.EPOCHS, TRAIN.SAVE_FREQ and TRAIN.PRINT_FREQ must be positive, "
+                            "TRAIN.EVAL_FREQ 0 (off) or positive")
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                           shuffle=True, seed=cfg.SEED, drop_last=False)
         workers = resolve_num_workers(cfg.DATA.NUM_WORKERS, "DATA.NUM_WORKERS")  # after init: knows the local ranks
@@ -127,22 +232,21 @@ class Trainer:
         params = list(model.parameters())
         if self.comp_loss is not None:
             params += [p for p in self.comp_loss.parameters() if p.requires_grad]
-        t = cfg.TRAIN
         self.optimizer = torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=t.LR_STEPS,
                                                               gamma=t.LR_GAMMA)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.AMP == "fp16")
         self.autocast = lambda: autocast_context(t.AMP, self.device)
         self.start_epoch = 0
-        self._resume()
-        self.writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(cfg.OUTPUT, "tb"))
+        self.saved = None  # (path, epoch) of the last good checkpoint on rank 0's disk
+        if state is not None:
+            self._resume(state)
         kind = cfg.COMP_LOSS.TYPE or "none"
         self.log.info(f"train {cfg.MODEL.ARCH}: {len(self.dataset)} images, {self.num_classes} classes, "
                       f"world {self.world} on {self.device.type}, compatibility: {kind}")
         self._check_recipe()
+        self.writer = None
+        self._open_output()  # every input is checked: the first write into OUTPUT
 
     def _distributed(self, module):
         """``module`` under DDP on several processes (gradients reduced straight from the buckets), else itself."""
@@ -159,6 +263,129 @@ class Trainer:
                           f"images, the release trained with {RELEASE_GLOBAL_BATCH} (4 GPUs x 256); "
                           f"TRAIN.LR {t.LR} is used as given")
 
+    # ------------------------------------------------------------------ OUTPUT and resuming
+    def _inspect_output(self):
+        """Rank 0, before anything is written: refuse a run that would replace the run in OUTPUT unasked;
+        ``(path, state)`` of the checkpoint to resume from, ``(None, None)`` for a fresh run."""
+        out, t = self.cfg.OUTPUT, self.cfg.TRAIN
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UserError(f"OUTPUT {out} is a file, not a folder")
+        found = _listed(run_files(out))
+        if t.RESUME == "auto":
+            if t.OVERWRITE:
+                raise UserError(f"TRAIN.RESUME auto continues the run in {out} and TRAIN.OVERWRITE true starts "
+                                f"it over: pass one of them")
+            path = os.path.join(out, LAST)
+            if os.path.isfile(path):
+                return path, read_resumable(path)
+            if found:
+                raise UserError(f"OUTPUT {out} holds a run ({found}) but no {LAST} to continue from: pass "
+                                f"TRAIN.RESUME {os.path.join(out, 'epoch_N.pth')} to continue from a saved epoch, "
+                                f"or TRAIN.OVERWRITE true to start over")
+            return None, None  # nothing to resume: a fresh run
+        if t.RESUME:
+            if not os.path.isfile(t.RESUME):
+                raise UserError(f"TRAIN.RESUME: checkpoint not found: {t.RESUME}")
+            own = os.path.join(out, LAST)
+            if found and not t.OVERWRITE and not (os.path.isfile(own) and os.path.samefile(t.RESUME, own)):
+                # a run is continued from its own last.pth only: another start would mix two runs' checkpoints
+                raise UserError(f"OUTPUT {out} holds a run ({found}), continued from its {LAST} only, not from "
+                                f"{t.RESUME}: pass TRAIN.OVERWRITE true to replace that run's checkpoints (the one "
+                                f"resumed from is kept), or choose another OUTPUT")
+            return t.RESUME, read_resumable(t.RESUME)
+        if found and not t.OVERWRITE:
+            raise UserError(f"OUTPUT {out} already holds a run ({found}): pass TRAIN.RESUME auto to continue it, "
+                            f"or TRAIN.OVERWRITE true to start over (its checkpoints are then removed)")
+        return None, None
+
+    def _adopt_config(self, state):
+        """A resume continues the checkpoint's run: only the keys of RESUME_MAY_CHANGE may differ from its
+        config (a UserError lists the others), and this run's config takes the saved values of the rest."""
+        path, cfg = self.resume_path, self.cfg
+        saved, mine = flat_config(state["config"]), flat_config(cfg.to_dict())
+        fixed = [k for k in mine if k in saved and not may_change_on_resume(k)]
+        differ = [k for k in fixed if saved[k] != mine[k]]
+        if differ:
+            changes = ", ".join(f"{k} {_shown(saved[k])} -> {_shown(mine[k])}" for k in differ)
+            raise UserError(f"TRAIN.RESUME {path}: this run changes keys that stay as saved on resume: {changes} "
+                            f"(saved -> requested); resume with the saved values, or start a new run (another "
+                            f"OUTPUT, or TRAIN.OVERWRITE true without TRAIN.RESUME)")
+        epoch = int(state["epoch"])
+        if cfg.TRAIN.EPOCHS < epoch:
+            raise UserError(f"TRAIN.RESUME {path}: the checkpoint is at epoch {epoch}, past TRAIN.EPOCHS "
+                            f"{cfg.TRAIN.EPOCHS}: set TRAIN.EPOCHS {epoch} or more")
+        for key in fixed:  # equal values; the saved ones (types included) are what the run continues with
+            *sections, name = key.split(".")
+            node = cfg
+            for section in sections:
+                node = node[section]
+            node[name] = saved[key]
+
+    def _resume(self, state):
+        """Load the checkpoint's model, optimizer, schedule, loss scale, loss module and RNG state."""
+        path = self.resume_path
+        saved_classes = state.get("num_classes")
+        if saved_classes is not None and int(saved_classes) != self.num_classes:
+            raise UserError(f"TRAIN.RESUME {path}: its classifier has {saved_classes} classes, this run's "
+                            f"{self.num_classes} (DATA.TRAIN_LIST {self.cfg.DATA.TRAIN_LIST} changed since?)")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.comp_loss is not None and "comp_loss" in state:
+                self.comp_loss.load_state_dict(state["comp_loss"])
+        except (RuntimeError, ValueError, KeyError) as exc:  # the config keys agree: a file of another kind
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"TRAIN.RESUME {path}: its state does not fit this run although its config keys "
+                            f"agree ({first})") from exc
+        saved_amp = state["config"].get("TRAIN", {}).get("AMP", self.cfg.TRAIN.AMP)
+        if saved_amp != self.cfg.TRAIN.AMP:  # e.g. resumed on another kind of GPU under TRAIN.AMP auto
+            self.log.info(f"warning: {path} trained in TRAIN.AMP {saved_amp}; the run continues in "
+                          f"{self.cfg.TRAIN.AMP}")
+        if state.get("scaler") and self.scaler.is_enabled():  # fp16 loss scale, carried from fp16 to fp16 only
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+        self.start_epoch = int(state["epoch"])
+        self.saved = (path, self.start_epoch)
+        self.log.info(f"resumed from {path} at epoch {self.start_epoch}")
+
+    def _open_output(self):
+        """Rank 0, once every input is checked: create OUTPUT, remove what an earlier run left there
+        (temporaries of killed writes; with TRAIN.OVERWRITE its files), then log.txt, config.yaml, tb/."""
+        if self.rank != 0:
+            return
+        out = self.cfg.OUTPUT
+        os.makedirs(out, exist_ok=True)
+        replaced = self._remove_previous_run() if self.cfg.TRAIN.OVERWRITE else []
+        temporaries = [n for n in os.listdir(out) if is_temporary(n) and os.path.isfile(os.path.join(out, n))]
+        for name in temporaries:  # advbct.io's, of a write a kill interrupted; tb/ is tensorboard's own
+            os.remove(os.path.join(out, name))
+        open_log_file(self.log, out)
+        if replaced:
+            self.log.info(f"TRAIN.OVERWRITE: removed the previous run's {_listed(replaced)} from {out}")
+        if temporaries:
+            self.log.info(f"removed {len(temporaries)} temporary file(s) of interrupted writes from {out}")
+        save_config(self.cfg, os.path.join(out, CONFIG))
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(out, TB))
+
+    def _remove_previous_run(self):
+        """TRAIN.OVERWRITE: remove the checkpoints, log.txt and tensorboard events of the run in OUTPUT (not
+        the checkpoint this run resumes from); the names removed."""
+        out = self.cfg.OUTPUT
+        keep = os.path.abspath(self.resume_path) if self.resume_path else None
+        names = [n for n in run_files(out) + [LOG] if os.path.abspath(os.path.join(out, n)) != keep]
+        tb = os.path.join(out, TB)
+        events = sorted(os.path.join(TB, n) for n in (os.listdir(tb) if os.path.isdir(tb) else ())
+                        if n.startswith("events.out.tfevents."))
+        removed = []
+        for name in names + events:
+            path = os.path.join(out, name)
+            if os.path.isfile(path):
+                os.remove(path)
+                removed.append(name)
+        return removed
+
     # ------------------------------------------------------------------ checkpoints
     def _state(self, epoch):
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -169,49 +396,39 @@ class Trainer:
             state["comp_loss"] = self.comp_loss.state_dict()
         return state
 
-    def _resume(self):
-        resume = self.cfg.TRAIN.RESUME
-        if not resume:
-            return
-        path = os.path.join(self.cfg.OUTPUT, LAST) if resume == "auto" else resume
-
-        def read():  # rank 0's file decides for every rank: the others may not see its filesystem
-            if not os.path.isfile(path):
-                if resume == "auto":
-                    return None  # nothing to resume: a fresh run
-                raise UserError(f"TRAIN.RESUME: checkpoint not found: {path}")
-            return load_checkpoint(path)
-
-        state = dist.run_on_main(read)
-        if state is None:
-            return
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        saved_amp = state.get("config", {}).get("TRAIN", {}).get("AMP", self.cfg.TRAIN.AMP)
-        if saved_amp != self.cfg.TRAIN.AMP:  # e.g. resumed on another kind of GPU under TRAIN.AMP auto
-            self.log.info(f"warning: {path} trained in TRAIN.AMP {saved_amp}; the run continues in "
-                          f"{self.cfg.TRAIN.AMP}")
-        if state["scaler"] and self.scaler.is_enabled():  # fp16 loss scale, carried from fp16 to fp16 only
-            self.scaler.load_state_dict(state["scaler"])
-        if self.comp_loss is not None and "comp_loss" in state:
-            self.comp_loss.load_state_dict(state["comp_loss"])
-        torch.set_rng_state(state["rng"].cpu())
-        self.start_epoch = int(state["epoch"])
-        self.log.info(f"resumed from {path} at epoch {self.start_epoch}")
+    def _checkpoint_names(self, epoch):
+        """The checkpoints of the end of ``epoch`` in the order written: epoch_N.pth (every TRAIN.SAVE_FREQ
+        epochs), last.pth, final.pth (last epoch). A kill between two writes loses none: a resume redoes
+        the epoch while its last.pth is missing, and writes a missing final.pth."""
+        t = self.cfg.TRAIN
+        return ([f"epoch_{epoch}.pth"] if epoch % t.SAVE_FREQ == 0 else []) + [LAST] + \
+            ([FINAL] if epoch == t.EPOCHS else [])
 
     def _save(self, epoch):
-        if self.rank != 0:
-            return
+        if self.rank == 0:
+            self._write(epoch, self._checkpoint_names(epoch))
+
+    def _write(self, epoch, names):
+        state = None
+        for name in names:
+            path = os.path.join(self.cfg.OUTPUT, name)
+            if name == FINAL:  # the weights alone: what evaluation and the next model read
+                save_checkpoint(path, {"model": self.model.state_dict(), "epoch": epoch,
+                                       "config": self.cfg.to_dict(), "num_classes": self.num_classes})
+            else:
+                state = state or self._state(epoch)
+                save_checkpoint(path, state)
+
+    def _complete_resumed_epoch(self):
+        """Rank 0, resumed from OUTPUT's own last.pth: write the checkpoints of that epoch still missing
+        (final.pth, when a kill came between last.pth and it)."""
         out = self.cfg.OUTPUT
-        state = self._state(epoch)
-        save_checkpoint(os.path.join(out, LAST), state)
-        if epoch % self.cfg.TRAIN.SAVE_FREQ == 0:
-            save_checkpoint(os.path.join(out, f"epoch_{epoch}.pth"), state)
-        if epoch == self.cfg.TRAIN.EPOCHS:
-            save_checkpoint(os.path.join(out, FINAL), {"model": self.model.state_dict(), "epoch": epoch,
-                                                       "config": self.cfg.to_dict(),
-                                                       "num_classes": self.num_classes})
+        own = os.path.join(out, LAST)
+        if self.rank != 0 or not self.start_epoch or not os.path.isfile(own) \
+                or not os.path.samefile(self.resume_path, own):
+            return
+        self._write(self.start_epoch, [n for n in self._checkpoint_names(self.start_epoch)
+                                       if not os.path.isfile(os.path.join(out, n))])
 
     # ------------------------------------------------------------------ training
     def _step(self, images, labels, epoch, progress):
@@ -241,10 +458,13 @@ class Trainer:
 
     def _check_finite(self, value, epoch, it):
         if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"non-finite loss ({value}) at epoch {epoch + 1}, iteration {it + 1}: training stopped; "
-                f"the last good checkpoint {os.path.join(self.cfg.OUTPUT, LAST)} is intact "
-                f"(lower TRAIN.LR or use TRAIN.AMP none)")
+            if self.saved:
+                kept = f"the last good checkpoint is {self.saved[0]} (epoch {self.saved[1]})"
+            else:
+                kept = "no checkpoint was written"
+            hint = "lower TRAIN.LR" + (" or use TRAIN.AMP none" if self.cfg.TRAIN.AMP != "none" else "")
+            raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch + 1}, iteration {it + 1}: "
+                                     f"training stopped; {kept}; {hint}")
 
     def train_epoch(self, epoch):
         self.model.train()
@@ -284,11 +504,13 @@ class Trainer:
     def fit(self):
         cfg = self.cfg
         history = []
+        self._complete_resumed_epoch()
         for epoch in range(self.start_epoch, cfg.TRAIN.EPOCHS):
             t0 = time.time()
             means = self.train_epoch(epoch)
             self.scheduler.step()
             self._save(epoch + 1)
+            self.saved = (os.path.join(cfg.OUTPUT, LAST), epoch + 1)
             dist.barrier()
             msg = " ".join(f"{k} {v:.4f}" for k, v in sorted(means.items()))
             self.log.info(f"epoch {epoch + 1}/{cfg.TRAIN.EPOCHS} ({time.time() - t0:.1f}s): {msg}")

@@ -1,11 +1,17 @@
 """Evaluate two checkpoints (scripts/test.sh): load, check, embed, score, print, write results.json."""
 
+import contextlib
 import copy
 import os
 
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): evaluations sharing EVAL.SAVE_DIR are not detected there
+    fcntl = None
+
 from advbct import distributed as dist
 from advbct.config import save_config
-from advbct.errors import UserError
+from advbct.errors import UserError, one_line
 from advbct.evaluation import backfill, feature_cache, test_sets
 from advbct.evaluation.protocol import evaluate_models, load_test_set
 from advbct.io import write_json_atomic
@@ -62,6 +68,96 @@ def evaluation_jobs(cfg):
     return jobs
 
 
+LOCK_NAME = ".evaluation.lock"  # in each EVAL.SAVE_DIR, while an evaluation writes there
+
+
+class SaveDirLock:
+    """Exclusive flock on ``<dir>/.evaluation.lock`` of every directory an evaluation writes results to,
+    held from before the first image is embedded to the last file written: a second evaluation into one
+    of them is refused up front instead of mixing its files with the first's."""
+
+    def __init__(self, directories):
+        self.directories = list(dict.fromkeys(os.path.abspath(d) for d in directories))
+        self._held, self._created = [], []
+
+    def acquire(self):
+        """Create the directories and lock each; UserError (nothing left held) when one is held elsewhere."""
+        try:
+            for directory in self.directories:
+                self._make(directory)
+                held = self._lock(directory)
+                if held is not None:
+                    self._held.append(held)
+        except BaseException:
+            self.release()
+            raise
+
+    def _make(self, directory):
+        missing, top = [], directory
+        while not os.path.isdir(top) and top != os.path.dirname(top):
+            missing.append(top)
+            top = os.path.dirname(top)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"EVAL.SAVE_DIR: cannot create {directory} ({one_line(str(exc))})") from None
+        self._created.extend(missing)  # deepest first: removed again, when empty, by release()
+
+    def _lock(self, directory):
+        """``(fd, path)`` of the lock now held on ``directory``; None where the file system has no flock."""
+        if fcntl is None:
+            return None
+        path = os.path.join(directory, LOCK_NAME)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise UserError(f"EVAL.SAVE_DIR {directory}: cannot write there ({one_line(str(exc))})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"EVAL.SAVE_DIR {directory}: another evaluation is writing there now "
+                                f"(pid {holder})") from None
+            except OSError as exc:  # e.g. a network file system without locks: go on, unguarded
+                os.close(fd)
+                print(f"warning: EVAL.SAVE_DIR {directory}: cannot lock {LOCK_NAME} ({one_line(str(exc))}); "
+                      f"another evaluation writing there at the same time would not be detected")
+                return None
+            # a holder that just finished removed the file we opened: lock the one now at the path
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd, path
+
+    def release(self):
+        """Remove and unlock the lock files, then the directories acquire() created if they stayed empty."""
+        for fd, path in reversed(self._held):
+            with contextlib.suppress(OSError):
+                os.remove(path)  # still holding the lock: a waiting opener sees another inode and retries
+            os.close(fd)
+        self._held = []
+        for directory in sorted(self._created, key=lambda d: d.count(os.sep), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        self._created = []
+
+
+def write_results(save_dir, cfg, result):
+    """config.yaml then results.json, each atomically, an older results.json removed first: a results.json
+    on disk always comes with the config.yaml of its own run, even after a crash in between. Its path."""
+    path = os.path.join(save_dir, "results.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    save_config(cfg, os.path.join(save_dir, "config.yaml"))
+    write_json_atomic(path, result)
+    return path
+
+
 def run_evaluation(cfg):
     """Everything is checked (datasets, checkpoints, embedding sizes) before the first image is embedded.
 
@@ -71,9 +167,12 @@ def run_evaluation(cfg):
         raise UserError(f"EVAL.DATASET_TYPE: only 'landmark' is implemented, got '{cfg.EVAL.DATASET_TYPE}'")
     backfill.check_config(cfg)  # a bad EVAL.BACKFILL_* key fails here, not after the extraction
     _, _, device = dist.init_distributed()  # first: rank 0 alone checks the test sets' images
+    lock = None
     try:
-        jobs = [(job, load_test_set(job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.GLDV2_SPLIT))
-                for job in evaluation_jobs(cfg)]
+        job_cfgs = evaluation_jobs(cfg)
+        lock = SaveDirLock([job.EVAL.SAVE_DIR for job in job_cfgs])
+        dist.run_on_main(lock.acquire)  # rank 0 writes the results, so rank 0 holds the lock
+        jobs = [(job, load_test_set(job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.GLDV2_SPLIT)) for job in job_cfgs]
         with_old = bool(cfg.OLD_MODEL.WEIGHTS)
         if with_old:
             check_same_embedding(cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
@@ -89,16 +188,14 @@ def run_evaluation(cfg):
         for job_cfg, test_set in jobs:
             result = evaluate_models(new, old, job_cfg, test_set=test_set)
             result.update(models)
+            path = dist.run_on_main(write_results, job_cfg.EVAL.SAVE_DIR, job_cfg, result)
             if dist.is_main_process():
-                save_dir = job_cfg.EVAL.SAVE_DIR
-                os.makedirs(save_dir, exist_ok=True)
-                path = os.path.join(save_dir, "results.json")
-                write_json_atomic(path, result)
-                save_config(job_cfg, os.path.join(save_dir, "config.yaml"))
                 print(format_result(result))
                 print(f"results: {path}")
             results.append(result)
         dist.finish()
         return results
     finally:
+        if lock is not None:
+            lock.release()
         dist.cleanup()

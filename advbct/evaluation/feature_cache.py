@@ -9,6 +9,8 @@ retrained old model or another image size never reuses a stale entry.
 
 import hashlib
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -48,8 +50,14 @@ def cache_path(directory, dataset, key):
     return os.path.join(directory, f"{dataset}-{key[:16]}.npz")
 
 
+# what reading a damaged entry raises: a cut or overwritten .npz is no zip (BadZipFile), a cut member
+# ends early (EOFError, ValueError), a compressed one fails to inflate (zlib.error)
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
 def load(directory, dataset, key):
-    """``(query, gallery)`` float32 arrays of a matching entry, else None (missing, stale or unreadable)."""
+    """``(query, gallery)`` float32 arrays of a matching entry, else None (missing, stale or unreadable:
+    a warning, and the caller embeds again and rewrites the entry)."""
     path = cache_path(directory, dataset, key)
     if not os.path.exists(path):
         return None
@@ -58,7 +66,7 @@ def load(directory, dataset, key):
             if str(z["key"]) != key:
                 return None
             return np.asarray(z["query"], np.float32), np.asarray(z["gallery"], np.float32)
-    except (OSError, ValueError, KeyError) as exc:
+    except _UNREADABLE as exc:
         print(f"warning: EVAL.OLD_FEATURES_CACHE entry {path} is unreadable ({one_line(str(exc))}); "
               f"re-embedding with the old model and rewriting it")
         return None

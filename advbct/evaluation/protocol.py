@@ -63,6 +63,14 @@ def check_features(test_set, query, gallery, source="features"):
                         f"{gallery.shape[1]}-d")
 
 
+def check_model_features(test_set, query, gallery, role, weights=""):
+    """:func:`check_features` on what one model embedded, the message naming that model: its ``role``
+    ('new' or 'old') and the checkpoint its config key gave."""
+    key = f"{role.upper()}_MODEL.WEIGHTS"
+    check_features(test_set, query, gallery,
+                   source=f"the {role} model ({key} {weights})" if weights else f"the {role} model")
+
+
 def score(test_set, query, gallery):
     """Metrics of one query/gallery feature pair, in percent."""
     query, gallery = _numpy(query), _numpy(gallery)
@@ -105,7 +113,9 @@ def embed_old_test_set(old_model, test_set, cfg, progress=True):
     Without a checkpoint path there is nothing to key on."""
     directory, weights = cfg.EVAL.OLD_FEATURES_CACHE, cfg.OLD_MODEL.WEIGHTS
     if not (directory and weights):
-        return embed_test_set(old_model, test_set, cfg, progress, "old")
+        old_q, old_g = embed_test_set(old_model, test_set, cfg, progress, "old")
+        dist.run_on_main(check_model_features, test_set, old_q, old_g, "old", weights)
+        return old_q, old_g
     found = {}  # rank 0's key and entry
 
     def lookup():
@@ -119,12 +129,16 @@ def embed_old_test_set(old_model, test_set, cfg, progress=True):
     if dist.run_on_main(lookup):  # every rank learns whether to embed
         return found.get("hit", (None, None))
     old_q, old_g = embed_test_set(old_model, test_set, cfg, progress, "old")
-    if dist.is_main_process():
+
+    def check_and_store():  # checked first: a NaN entry would fail every later run that reads it
+        check_model_features(test_set, old_q, old_g, "old", weights)
         try:
             feature_cache.save(directory, test_set.name, found["key"], old_q, old_g)
         except OSError as exc:  # e.g. disk full: the evaluation itself is not lost
             print(f"warning: EVAL.OLD_FEATURES_CACHE: could not write an entry in {directory} "
                   f"({one_line(str(exc))}); the old model's features will be embedded again next time")
+
+    dist.run_on_main(check_and_store)
     return old_q, old_g
 
 
@@ -154,6 +168,7 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
         raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "
                         f"{new_model.embed_dim}: cross-test needs the same embedding size")
     new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
+    dist.run_on_main(check_model_features, test_set, new_q, new_g, "new", cfg.NEW_MODEL.WEIGHTS)
     old_q = old_g = None
     if old_model is not None:
         old_q, old_g = embed_old_test_set(old_model, test_set, cfg, progress)

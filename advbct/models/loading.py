@@ -6,11 +6,13 @@ extraction); it lives with the models so that evaluation never needs the engine.
 
 import os
 
+import torch
+
 from advbct.errors import UserError
 from advbct.models.checkpoint import load_checkpoint, load_model_weights
 from advbct.models.network import build_model
 
-__all__ = ["check_same_embedding", "checkpoint_shapes", "load_trained_model"]
+__all__ = ["check_finite_weights", "check_same_embedding", "checkpoint_shapes", "load_trained_model"]
 
 
 def _read(path, key) -> dict:
@@ -50,7 +52,27 @@ def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu"):
     model = build_model(arch, embed_dim=embed_dim,
                         num_classes=num_classes if with_classifier else 0, pretrained=False)
     load_model_weights(model, path, checkpoint=ckpt)
+    check_finite_weights(model, path, key)
     return model.to(device)
+
+
+def check_finite_weights(model, path, key):
+    """Refuse a model whose loaded weights or buffers hold NaN or inf (a diverged training): its features
+    would be NaN; one line naming the config ``key``, the file and the first bad tensor."""
+    floats = {name: t for name, t in model.state_dict().items() if t.is_floating_point() and t.numel()}
+    if not floats:
+        return
+    # a NaN or inf element makes its tensor's sum non-finite; a non-finite sum of finite values (overflow)
+    # is told apart by the exact test, run only on those tensors
+    sums = torch.stack([t.detach().sum().float() for t in floats.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    suspects = [name for name, ok in zip(floats, torch.isfinite(sums).tolist()) if not ok]
+    bad = [name for name in suspects if not bool(torch.isfinite(floats[name]).all())]
+    if not bad:
+        return
+    raise UserError(f"{key}: {path} holds NaN or inf in {len(bad)} of {len(floats)} weight tensors "
+                    f"(first: {bad[0]}); was it saved after its training diverged?")
 
 
 def check_same_embedding(new_path, old_path):

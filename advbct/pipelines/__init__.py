@@ -2,7 +2,8 @@
 
 Each pipeline is a plan, an ordered list of plain data (:mod:`advbct.pipelines.steps`): steps whose
 commands are the release's bash entry points (scripts/train_old.sh, extract_meta.sh, train_new.sh,
-test.sh) and tools, each skipped when its output exists, plus the data-provenance stamps
+test.sh) and tools, each skipped when its output exists (a training killed part-way through continues
+from its last full epoch: :mod:`advbct.pipelines.training`), plus the data-provenance stamps
 (:mod:`advbct.pipelines.stamps`). :func:`demo_steps` (:mod:`advbct.pipelines.demo`) and
 :func:`table_steps` / :func:`ablation_steps` (:mod:`advbct.pipelines.blocks`) build the plans,
 :func:`run_steps` runs one. The command line, as scripts/demo.sh, scripts/reproduce_table.sh and

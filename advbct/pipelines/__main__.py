@@ -6,7 +6,8 @@
 
 Run from the repository root. The demo reads PRESET (default small), DATA (default
 ./data/synthetic-<preset>), OUT (default ./output/demo) and NGPUS (default 1) from the environment; a
-synthetic block reads DATA (default ./data/synthetic-<preset>). Finished steps are skipped. Exit status:
+synthetic block reads DATA (default ./data/synthetic-<preset>). Finished steps are skipped, a training
+killed part-way through continues from its last full epoch (advbct.pipelines.training). Exit status:
 0 done, 1 a step failed, 2 a usage error or a refusal (data missing or changed), in one line.
 """
 

@@ -102,6 +102,9 @@ def parse_block_args(argv, usage=TABLE_USAGE):
             preset = rest.pop(0) if rest else ""
             if not preset:
                 raise UserError("--synthetic needs a preset (tiny, small, medium)")
+            from advbct.data.synthetic import PRESETS  # numpy and PIL: only for the synthetic blocks
+            if preset not in PRESETS:
+                raise UserError(f"--synthetic {preset}: expected one of {', '.join(PRESETS)}")
         elif arg == "--old-epoch":
             old_epoch = rest.pop(0) if rest else ""
             if not old_epoch:

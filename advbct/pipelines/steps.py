@@ -2,14 +2,19 @@
 
 A plan is a list of plain data:
 
-- :class:`Step`: a command (an argv list, run from the repository root) whose ``output`` marks it done. A
-  step whose output exists is skipped (``[done] NAME  (OUTPUT)``; every output is written atomically, so
-  existing means complete); otherwise it runs (``[run]  NAME  (log: LOG)``) with its output shown and kept
-  in ``log``. A failing step stops the run in one line, ``error: step 'NAME' failed; log: LOG`` (exit
-  status 1), as does a step that ends without writing its output; the steps completed before it stay as
-  they are. A step without ``output`` always runs, its output shown only (the tables at the end).
+- :class:`Step`: a command (an argv list, run from the repository root, never through a shell: a path
+  with spaces, quotes or ``$`` in it stays one argument) whose ``output`` marks it done. A step whose
+  output exists is skipped (``[done] NAME  (OUTPUT)``; every output is written atomically, so existing
+  means complete); otherwise it runs (``[run]  NAME  (log: LOG)``) with its output shown and kept in
+  ``log``. A failing step stops the run in one line, ``error: step 'NAME' failed; log: LOG`` (exit status
+  1), as does a step that ends without writing its output; the steps completed before it stay as they are.
+  A step without ``output`` always runs, its output shown only (the tables at the end). A training (a
+  command of scripts/train_new.sh or train_old.sh) killed part-way through continues from its last full
+  epoch when the pipeline runs again (``[resume] NAME``, its log continued), or starts over, explicitly,
+  where its inputs changed since (``[redo] NAME``): :mod:`advbct.pipelines.training`.
 - :class:`EvalStep`: a new model tested against the old one on every test set whose results are missing,
-  all in one ``scripts/test.sh`` process.
+  all in one ``scripts/test.sh`` process (one set per process where a root holds a comma, which
+  scripts/test.sh reads as the separator of the sets' roots).
 - :class:`Stamp`: the output folders keyed on the data they are built from (:mod:`advbct.pipelines.stamps`).
 - :class:`SyntheticList`: a synthetic benchmark's full train list, read from its ``SYNTHETIC.json`` when
   the plan reaches it (a benchmark of another format version stops the run there, in one line) and when a
@@ -25,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 
 from advbct.errors import UserError
+from advbct.pipelines.training import is_training, training_keys
 
 __all__ = ["EvalStep", "Note", "Stamp", "Step", "StepFailed", "SyntheticList", "run_steps"]
 
@@ -101,12 +107,15 @@ class EvalStep:
 
     def step(self, missing=None) -> Step | None:
         """The step testing the sets whose results are missing now (``missing``: those sets instead); None
-        when none is."""
+        when none is. Where a root of them holds a comma, the first of them alone (EVAL.ROOT of one set is
+        taken whole): :func:`run_steps` then calls this again until every set has its results."""
         if missing is None:
             missing = [s for s, path in zip(self.test_sets, self.results()) if not os.path.exists(path)]
         todo = [s for s in self.test_sets if s in missing]
         if not todo:
             return None
+        if any("," in r for s, r in zip(self.test_sets, self.roots) if s in todo):
+            todo = todo[:1]
         roots = [r for s, r in zip(self.test_sets, self.roots) if s in todo]
         # one set alone writes SAVE_DIR/results.json, several write SAVE_DIR/<set>/results.json
         save = self.eval_dir if len(todo) > 1 else f"{self.eval_dir}/{todo[0]}"
@@ -152,15 +161,17 @@ def _environment(step: Step):
     return {**os.environ, **step.env} if step.env else None
 
 
-def _run_logged(step: Step) -> int:
-    """Run the step's command, its output (stdout and stderr together) shown and written to its log."""
+def _run_logged(step: Step, argv: list, append=False) -> int:
+    """Run ``argv`` (the step's command), its output (stdout and stderr together) shown and written to the
+    step's log (``append``: after what the log holds, e.g. the output of the attempt a resumed step
+    continues)."""
     import codecs
 
     os.makedirs(os.path.dirname(step.log) or ".", exist_ok=True)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with open(step.log, "wb") as log:
+    with open(step.log, "ab" if append else "wb") as log:
         try:
-            proc = subprocess.Popen(step.argv(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=_environment(step))
         except OSError as exc:
             message = f"{step.command[0]}: {exc.strerror or exc}\n".encode()
@@ -194,15 +205,28 @@ def run_step(step: Step):
         if step.name:
             print(f"[run]  {step.name}", flush=True)
         _flush()
-        rc = subprocess.run(step.argv(), env=_environment(step)).returncode
+        argv = step.argv()
+        if is_training(argv):  # (no plan has such a step: a training is done when its final.pth exists)
+            argv += training_keys(argv, step.env)[0]
+        rc = subprocess.run(argv, env=_environment(step)).returncode
         if rc != 0:
             raise SystemExit(rc)
         return
     if os.path.exists(step.output):
         print(f"[done] {step.name}  ({step.output})", flush=True)
         return
-    print(f"[run]  {step.name}  (log: {step.log})", flush=True)
-    if _run_logged(step) != 0:
+    argv, line, resumed = step.argv(), f"[run]  {step.name}  (log: {step.log})", False
+    if is_training(argv):  # every training says what becomes of a run already in its OUTPUT
+        try:
+            keys, why = training_keys(argv, step.env)
+        except UserError as exc:  # its config: refused before the trainer starts
+            raise UserError(f"step '{step.name}': {exc}") from None
+        argv += keys
+        if why:
+            resumed = keys[0] == "TRAIN.RESUME"
+            line = f"{'[resume]' if resumed else '[redo]'} {step.name}  (log: {step.log}; {why})"
+    print(line, flush=True)
+    if _run_logged(step, argv, append=resumed) != 0:
         raise StepFailed(f"step '{step.name}' failed; log: {step.log}")
     if not os.path.exists(step.output):
         raise StepFailed(f"step '{step.name}' ended without writing {step.output}; log: {step.log}")
@@ -223,8 +247,9 @@ def run_steps(plan):
             if step is None:
                 print(f"[done] {item.name}  ({item.eval_dir}/{{{','.join(item.test_sets)}}}/results.json)",
                       flush=True)
-            else:
+            while step is not None:  # (one call, or one per set: see EvalStep.step)
                 run_step(step)
+                step = item.step()
         elif isinstance(item, Stamp):
             stamp_outputs(item.source, item.dirs)
         elif isinstance(item, SyntheticList):

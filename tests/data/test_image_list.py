@@ -27,9 +27,12 @@ def test_read_image_list_values_root_and_blank_lines(tmp_path):
     assert paths.tolist() == ["train/a/b/c/abc1.jpg", "/abs/x.jpg", "train/d/e/f/def9.jpg"]
 
 
-def test_read_image_list_empty_file(tmp_path):
-    paths, labels = read_image_list(_write(tmp_path / "empty.txt", "\n\n"))
-    assert len(paths) == 0 and len(labels) == 0 and labels.dtype == np.int64
+@pytest.mark.parametrize("text", ["", "\n\n", "  \n\t\n"])
+def test_read_image_list_without_entries_is_refused(tmp_path, text):
+    """A list with no entry trains or embeds nothing: refused in one line naming the file."""
+    path = _write(tmp_path / "empty.txt", text)
+    with pytest.raises(UserError, match=f"^{path}: image list has no entries"):
+        read_image_list(path)
 
 
 @pytest.mark.parametrize(

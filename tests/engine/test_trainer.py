@@ -228,6 +228,7 @@ def test_non_finite_loss_stops_with_code_3(setup, tmp_path, monkeypatch, capsys)
     assert "Traceback" not in err
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "non-finite loss" in errors[0] and "epoch 2" in errors[0], err[-2000:]
+    assert f"the last good checkpoint is {tmp_path / 'last.pth'} (epoch 1)" in errors[0]
     assert errors[0] == err.rstrip("\n").splitlines()[-1]  # the last thing printed
     assert list(snapshots) == [1]
     assert (tmp_path / "last.pth").read_bytes() == snapshots[1]

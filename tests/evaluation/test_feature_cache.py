@@ -88,16 +88,29 @@ def test_another_checkpoint_or_setting_is_a_new_entry(tiny_synthetic, ckpts, tmp
 
 @pytest.mark.slow
 def test_unreadable_entry_is_recomputed_and_rewritten(tiny_synthetic, ckpts, tmp_path, capsys):
+    """Garbage, or an entry cut in half (a killed copy, a full disk: no zip any more): one warning, the old
+    features embedded again, the entry rewritten whole, and the numbers those of the run that wrote it."""
     root = tiny_synthetic / "ROxfordParis"
+    ts = load_test_set("roxford5k", str(root))
     cache = tmp_path / "cache"
     good, _ = _run(root, ckpts, "old", cache)
     (entry,) = list(cache.iterdir())
-    entry.write_bytes(b"not an npz")
-    again, embedded = _run(root, ckpts, "old", cache)
-    assert embedded > 0 and again == good
-    assert "unreadable" in capsys.readouterr().out
-    with np.load(entry) as z:  # rewritten whole
-        assert z["query"].shape[1] == 16 and str(z["key"]).startswith(entry.name.split("-")[1][:-4])
+    with np.load(entry) as z:
+        query, gallery, key = z["query"].copy(), z["gallery"].copy(), str(z["key"])
+    for damage in (lambda whole: b"not an npz", lambda whole: whole[:len(whole) // 2]):
+        entry.write_bytes(damage(entry.read_bytes()))
+        capsys.readouterr()
+        again, embedded = _run(root, ckpts, "old", cache)
+        assert again == good  # every metric and the backfilling curve, exactly
+        assert embedded == len(ts.query_paths) + len(ts.gallery_paths)
+        warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+        assert len(warnings) == 1 and warnings[0].startswith(f"warning: EVAL.OLD_FEATURES_CACHE entry {entry} is "
+                                                             "unreadable (")
+        assert warnings[0].endswith("); re-embedding with the old model and rewriting it")
+        assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary left
+        hit_q, hit_g = feature_cache.load(str(cache), "roxford5k", key)  # whole again, the same features
+        assert np.array_equal(hit_q, query) and np.array_equal(hit_g, gallery)
+    assert "(File is not a zip file)" in warnings[0]  # the cut entry
 
 
 @pytest.mark.slow

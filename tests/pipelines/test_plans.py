@@ -554,3 +554,174 @@ def test_plans_follow_the_method_and_test_set_registries(repo_root):
         test_sets.unregister("toyset")
     plan = block_steps("class", "r18", preset="tiny")
     assert "toy (r18)" not in names(plan) and by_name(plan, "test bct").test_sets == tuple(SETS)
+
+
+# --------------------------------------------------------------------- training steps: resume or redo
+# a stand-in for scripts/train_new.sh: records its arguments (CONFIG KEY VALUE ...: one JSON list a line in
+# calls.jsonl), prints
+# "attempt", then as mode.txt says: "last" leaves OUTPUT/last.pth and fails (a kill after an epoch), "none"
+# fails leaving nothing (a kill before the first write), "final" completes
+FAKE_TRAIN = """set -euo pipefail
+"$PY" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> calls.jsonl
+out=; prev=
+for a in "$@"; do [[ "$prev" != OUTPUT ]] || out="$a"; prev="$a"; done
+mkdir -p "$out"; echo attempt
+case "$(cat mode.txt)" in
+  last) echo epoch > "$out/last.pth"; exit 9 ;;
+  none) exit 9 ;;
+  final) echo epoch > "$out/last.pth"; echo model > "$out/final.pth" ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    """A repository root whose scripts/train_new.sh is FAKE_TRAIN (configs/ the project's); ``mode(m)`` sets
+    what its next call does, ``calls()`` the argument lists of its calls so far."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "train_new.sh").write_text(FAKE_TRAIN)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PY", sys.executable)
+
+    class Fake:
+        @staticmethod
+        def mode(m):
+            (tmp_path / "mode.txt").write_text(m)
+
+        @staticmethod
+        def calls():
+            path = tmp_path / "calls.jsonl"
+            return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    return Fake
+
+
+def _run(plan, capfd):
+    """run_steps(plan) through guarded: (exit status, stdout, stderr)."""
+    code = 0
+    try:
+        guarded(run_steps)(plan)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_training_step_resumes_a_killed_run_and_redoes_one_of_other_inputs(fake_train, tmp_path, capfd):
+    """A training killed part-way continues (TRAIN.RESUME auto) when its inputs are the ones recorded when it
+    started; a changed config or input file, or an unrecorded run, starts it over (TRAIN.OVERWRITE true),
+    named; every call of the trainer carries one of the two keys; a completed step is skipped."""
+    (tmp_path / "cfg.yml").write_text("TRAIN:\n  LR: 0.1\n")
+    (tmp_path / "list.txt").write_text("a.jpg 0\n")
+    command = ("bash", "scripts/train_new.sh", "cfg.yml", "DATA.TRAIN_LIST", "list.txt", "OUTPUT", "o")
+    step = Step("train", "o/final.pth", command, "logs/train.log")
+    failed = "error: step 'train' failed; log: logs/train.log\n"
+    resume, overwrite = [*command[2:], "TRAIN.RESUME", "auto"], [*command[2:], "TRAIN.OVERWRITE", "true"]
+
+    fake_train.mode("last")   # killed after its first epoch
+    assert _run([step], capfd) == (1, "[run]  train  (log: logs/train.log)\nattempt\n", failed)
+    assert fake_train.calls() == [resume]
+    record = json.loads((tmp_path / "o" / "INPUTS.json").read_text())
+    assert record["config"]["TRAIN.LR"] == 0.1 and record["config"]["OUTPUT"] == "o" and record["env"] == {}
+    assert "TRAIN.RESUME" not in record["config"] and "TRAIN.OVERWRITE" not in record["config"]
+    assert record["files"] == {"DATA.TRAIN_LIST": {"path": "list.txt",
+                                                   "sha256": hashlib.sha256(b"a.jpg 0\n").hexdigest()}}
+
+    resumed = "[resume] train  (log: logs/train.log; the run in o continues from its last.pth)\n"
+    assert _run([step], capfd) == (1, resumed + "attempt\n", failed)
+    assert fake_train.calls()[-1] == resume
+    assert (tmp_path / "logs" / "train.log").read_text() == "attempt\nattempt\n"   # continued, not replaced
+
+    (tmp_path / "cfg.yml").write_text("TRAIN:\n  LR: 0.2\n")   # the config changed: start over
+    fake_train.mode("none")   # ... killed before the trainer removed the previous run
+    redo = ("[redo] train  (log: logs/train.log; o holds a run made from other inputs (TRAIN.LR changed): "
+            "starting over)\n")
+    assert _run([step], capfd) == (1, redo + "attempt\n", failed)
+    assert fake_train.calls()[-1] == overwrite
+    assert json.loads((tmp_path / "o" / "INPUTS.json").read_text())["config"]["TRAIN.LR"] == 0.2
+    assert (tmp_path / "logs" / "train.log").read_text() == "attempt\n"   # a new run, a new log
+    # the last.pth there is the previous run's (older than the record): still not resumed
+    fake_train.mode("last")
+    assert _run([step], capfd)[1] == ("[redo] train  (log: logs/train.log; o holds a run older than the record of "
+                                      "its inputs (a restart of it was interrupted): starting over)\nattempt\n")
+    assert fake_train.calls()[-1] == overwrite
+    assert _run([step], capfd)[1] == resumed + "attempt\n"   # that restart saved an epoch: continued
+    assert fake_train.calls()[-1] == resume
+
+    (tmp_path / "list.txt").write_text("b.jpg 0\n")   # an input file changed
+    assert _run([step], capfd)[1] == ("[redo] train  (log: logs/train.log; o holds a run made from other inputs "
+                                      "(the file of DATA.TRAIN_LIST changed): starting over)\nattempt\n")
+    (tmp_path / "o" / "INPUTS.json").unlink()   # a run made before the record existed
+    assert _run([step], capfd)[1] == ("[redo] train  (log: logs/train.log; o holds a run made from inputs it has "
+                                      "no record of (INPUTS.json): starting over)\nattempt\n")
+    (tmp_path / "o" / "last.pth").rename(tmp_path / "o" / "epoch_1.pth")   # nothing to continue from
+    assert _run([step], capfd)[1] == ("[redo] train  (log: logs/train.log; o holds a run without a last.pth to "
+                                      "continue from: starting over)\nattempt\n")
+    assert fake_train.calls()[-3:] == [overwrite] * 3
+
+    fake_train.mode("final")   # (that restart saved an epoch too)
+    assert _run([step], capfd) == (0, resumed + "attempt\n", "")
+    assert fake_train.calls()[-1] == resume and (tmp_path / "o" / "final.pth").exists()
+    n = len(fake_train.calls())
+    assert _run([step], capfd) == (0, "[done] train  (o/final.pth)\n", "")
+    assert len(fake_train.calls()) == n and all(c[-2:] in (["TRAIN.RESUME", "auto"], ["TRAIN.OVERWRITE", "true"])
+                                                for c in fake_train.calls())
+
+
+def test_a_training_step_of_a_broken_config_stops_in_one_line_before_it_runs(fake_train, tmp_path, capfd):
+    step = Step("train", "o/final.pth", ("bash", "scripts/train_new.sh", "missing.yml", "OUTPUT", "o"), "l.log")
+    assert _run([step], capfd) == (2, "", "error: step 'train': config file not found: missing.yml\n")
+    assert fake_train.calls() == [] and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------ paths with spaces, quotes, $ and commas
+WEIRD = "d a't \"q\" $HOME `x`"
+
+
+def test_plans_keep_paths_with_shell_characters_whole(repo_root):
+    """Every argument naming a folder of the plan holds the whole path: nothing split or expanded."""
+    data, out = f"/tmp/{WEIRD}/bench", f"/tmp/{WEIRD}/out"
+    plans = [demo_steps("tiny", data, out), block_steps("class", "r50", preset="tiny", data=data),
+             block_steps("data", "r18", preset="tiny", data=data, kind="ablation")]
+    args = [str(a) for plan in plans for item in plan if isinstance(item, (Step, EvalStep))
+            for a in (item.command if isinstance(item, Step) else item.step(missing=SETS).command)]
+    pieces = ["a't", '"q"', "$HOME", "`x`"]
+    touched = [a for a in args if any(p in a for p in pieces)]
+    assert touched and all(WEIRD in a for a in touched)
+    pretrain = by_name(plans[0], f"2/9 pretrain backbone (r18, {data}/pretrain)")
+    assert list(pretrain.command[3:]) == ["DATA.ROOT", f"{data}/pretrain", "DATA.TRAIN_LIST",
+                                          f"{data}/pretrain/train_list.txt", "OUTPUT", f"{out}/pretrain"]
+
+
+def test_a_training_step_gets_its_paths_whole(fake_train, tmp_path, capfd):
+    """The argv reaches the command as the plan built it, a path with a space, quotes, $ and backquotes as
+    one argument (no shell in between), the resume key after it; the record goes into that OUTPUT."""
+    data, out = tmp_path / f"data {WEIRD}", tmp_path / f"out {WEIRD}"
+    (data / "pretrain").mkdir(parents=True)
+    (data / "pretrain" / "train_list.txt").write_text("a.jpg 0\n")
+    step = pretrain_step("r18", str(data), str(out / "pretrain"), str(out / "logs" / "pretrain.log"))
+    fake_train.mode("final")
+    assert _run([step], capfd)[0] == 0
+    assert fake_train.calls() == [[*step.command[2:], "TRAIN.RESUME", "auto"]]
+    record = json.loads((out / "pretrain" / "INPUTS.json").read_text())
+    assert record["files"]["DATA.TRAIN_LIST"]["path"] == f"{data}/pretrain/train_list.txt"
+    assert (out / "logs" / "pretrain.log").read_text() == "attempt\n"
+
+
+def test_eval_step_tests_one_set_per_call_where_a_root_holds_a_comma(tmp_path, monkeypatch, capfd):
+    """scripts/test.sh splits several roots at their commas: a root holding one goes alone, whole."""
+    monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "scripts" / "test.sh"
+    fake.parent.mkdir()
+    fake.write_text(f'"{sys.executable}" -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$@" >> calls.jsonl\n'
+                    'save="${@: -1}"; mkdir -p "$save"; touch "$save/results.json"\n')
+    rev, gld = f"da,ta {WEIRD}/ROxfordParis", f"da,ta {WEIRD}/gldv2"
+    step = EvalStep("test m", "new.pth", "resnet18", "old.pth", "ev", "logs/t.log", SETS, [rev, rev, gld])
+    run_steps([step])
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert calls == [["landmark", s, r, "EVAL.SAVE_DIR", f"ev/{s}"] for s, r in zip(SETS, [rev, rev, gld])]
+    assert capfd.readouterr().out == "".join(f"[run]  test m on {s}  (log: logs/t.log)\n" for s in SETS)
+    assert all((tmp_path / "ev" / s / "results.json").exists() for s in SETS)
+    run_steps([step])
+    assert capfd.readouterr().out == "[done] test m  (ev/{rparis6k,roxford5k,gldv2}/results.json)\n"

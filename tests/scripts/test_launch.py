@@ -6,6 +6,7 @@ one process with the doubled batch."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,67 @@ def test_command_lines(stand_in, tmp_path, env, argv):
 def test_refusals(stand_in, tmp_path, env, message):
     proc = run_launch(stand_in, tmp_path, **env)
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", message + "\n")
+
+
+# the bash entry points, in a repository whose path holds a space, quotes, a $ and backquotes, called with
+# arguments that hold them too: a stand-in python prints what it was given (arguments, DATA, folder)
+WEIRD = "r o'o \"t\" $HOME `x`"
+STAND_IN_ENV = f"""#!{sys.executable}
+import json, os, sys
+print(json.dumps({{"argv": sys.argv[1:], "DATA": os.environ.get("DATA"), "cwd": os.getcwd()}}))
+"""
+
+
+@pytest.mark.parametrize("ngpus", ["1", "2"])
+def test_entry_points_keep_paths_with_shell_characters_whole(tmp_path, ngpus):
+    root = tmp_path / f"repo {WEIRD}"
+    shutil.copytree(REPO / "scripts", root / "scripts")
+    python = tmp_path / f"bin {WEIRD}" / "python"
+    python.parent.mkdir()
+    python.write_text(STAND_IN_ENV)
+    python.chmod(0o755)
+    venv = tmp_path / f"venv {WEIRD}"   # demo.sh's install step, satisfied (tests/scripts/test_reproduce.py)
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(python)
+    (venv / ".advbct-installed").write_text("cpu cpu\n")
+    (tmp_path / f"tmp {WEIRD}").mkdir()
+    path, cfg = f"{tmp_path}/data {WEIRD}", f"c {WEIRD}.yml"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nowhere", "TMPDIR": f"{tmp_path}/tmp {WEIRD}",
+           "PYTHON": str(python), "NGPUS": ngpus, "NEW_MODEL_PATH": f"{path}/new.pth", "DATA": path,
+           "ADVBCT_VENV": str(venv), "ADVBCT_FAISS": "cpu"}
+    launcher = [] if ngpus == "1" else ["-m", "advbct.launch", "LOG", "--standalone", "--nproc_per_node=2",
+                                        "--redirects", "0:0,1:2"]
+    cases = [
+        ("train_new.sh", [cfg, "OUTPUT", path], launcher + [f"{root}/tools/train.py", "--cfg", cfg, "OUTPUT", path]),
+        ("train_old.sh", [cfg, "DATA.ROOT", path],
+         launcher + [f"{root}/tools/train.py", "--cfg", cfg, "DATA.ROOT", path]),
+        ("extract_meta.sh", [cfg, "COMP_LOSS.META_PATH", path],
+         launcher + [f"{root}/tools/extract_meta.py", "--cfg", cfg, "COMP_LOSS.META_PATH", path]),
+        ("extract_feat.sh", [cfg], launcher + [f"{root}/tools/extract_meta.py", "--cfg", cfg]),
+        ("test.sh", ["landmark", "roxford5k", path, "EVAL.SAVE_DIR", path],
+         launcher + [f"{root}/tools/test.py", "--cfg", f"{root}/configs/test_model.yml", "NEW_MODEL.ARCH", "resnet18",
+                     "NEW_MODEL.WEIGHTS", f"{path}/new.pth", "OLD_MODEL.ARCH", "resnet18", "OLD_MODEL.WEIGHTS",
+                     "./output/final_model/resnet18_30class_oldmodel.pth.tar", "EVAL.DATASET_TYPE", "landmark",
+                     "EVAL.DATASET", "roxford5k", "EVAL.ROOT", path, "EVAL.SAVE_DIR", path]),
+        # the pipelines take the arguments as they come; DATA reaches them whole
+        ("reproduce_table.sh", ["class", "r18", "--synthetic", f"t {WEIRD}"],
+         ["-m", "advbct.pipelines", "table", "class", "r18", "--synthetic", f"t {WEIRD}"]),
+        ("reproduce_ablation.sh", ["--synthetic", "tiny"],
+         ["-m", "advbct.pipelines", "ablation", "--synthetic", "tiny"]),
+        ("demo.sh", [], ["-m", "advbct.pipelines", "demo"]),
+    ]
+    for script, args, want in cases:
+        proc = subprocess.run(["bash", str(root / "scripts" / script), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stderr == "", (script, proc.stderr)
+        got = json.loads(proc.stdout)
+        if ngpus == "2" and got["argv"][:2] == ["-m", "advbct.launch"]:
+            assert got["argv"][2].startswith(f"{tmp_path}/tmp {WEIRD}/advbct-launch.")
+            got["argv"][2] = "LOG"
+        assert got["argv"] == want, script
+        assert got["DATA"] == path
+        if script.startswith(("reproduce", "demo")):  # run from the repository root
+            assert got["cwd"] == str(root)
 
 
 # srun as the two tasks of a one-task-per-node step (node 0, then node 1); prints its own options first

@@ -473,12 +473,13 @@ def test_decoding_step_on_the_cpu(gc, tmp_path, monkeypatch):
     """The step's real command with CUDA hidden: the suite's JSON is what the step reads, the CPU decoder's
     arithmetic lies within the tolerance, and the missing GPU row fails the step by name."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(gc, "DECODING_IMAGES", 8)  # the same command, fewer images: a few seconds
     ctx = gc.Context(gc.parse_args(["--out", str(tmp_path / "r.json")]), 1)
     record = gc.new_record("decoding")
     with pytest.raises(gc.StepFailed, match="^nvjpeg not measured: "):
         gc.step_decoding(ctx, record, 300)
     fig = record["figures"]
-    assert (fig["image_size"], fig["images"], fig["input_size"]) == ("640x480", 64, 224)
+    assert (fig["image_size"], fig["images"], fig["input_size"]) == ("640x480", 8, 224)
     assert fig["pil_img_s_per_core"] > 0 and fig["nvjpeg_gpu_img_s"] is None
     assert fig["pixel_mad"]["pil"] == 0.0 and fig["pixel_mad"]["nvjpeg_cpu"] <= gc.NVJPEG_PIXEL_TOLERANCE
 

@@ -1,11 +1,12 @@
 """Benchmark of the revisited-protocol metrics on full random rankings shaped like ROxford5k and RParis6k."""
 
 import os
-import pickle
 import time
 
 import numpy as np
 
+from advbct.data.safe_pickle import safe_load_pickle
+from advbct.errors import UserError
 from advbct.evaluation.metrics import revisited_ranking_metrics
 
 # (name, n_query, n_gallery) of the revisited datasets.
@@ -23,11 +24,14 @@ def add_arguments(parser):
 
 
 def _load_gnd(gnd_dir, name, n_query, n_gallery):
-    """The real ground truth of ``name`` when found under ``gnd_dir`` and shaped as expected."""
+    """The real ground truth of ``name`` when found under ``gnd_dir`` and shaped as expected, read with the
+    restricted unpickler (a tampered file is refused, nothing in it runs)."""
     for path in (os.path.join(gnd_dir, f"gnd_{name}.pkl"), os.path.join(gnd_dir, name, f"gnd_{name}.pkl")):
         if os.path.isfile(path):
-            with open(path, "rb") as f:
-                gnd = pickle.load(f)["gnd"]
+            data = safe_load_pickle(path)
+            if not isinstance(data, dict) or not isinstance(data.get("gnd"), list):
+                raise UserError(f"{path}: expected a dict with a 'gnd' list (see Dataset.md)")
+            gnd = data["gnd"]
             if len(gnd) == n_query:
                 return gnd, path
     return None, None
