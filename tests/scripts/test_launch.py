@@ -215,6 +215,15 @@ def test_sbatch_script_runs_train_new_once_per_node(stand_in, tmp_path):
                                        "--redirects", "3" if node else "0:0,1:2,2:2,3:2,4:2,5:2,6:2,7:2"] + tool
     assert len(nodes) == 2
 
+    # requeued (SLURM_RESTART_COUNT 1): the run in OUTPUT is continued, unless the command line says otherwise
+    for extra, added in (([], ["TRAIN.RESUME", "auto"]), (["TRAIN.OVERWRITE", "true"], []),
+                         (["TRAIN.RESUME", "x/epoch_5.pth"], [])):
+        proc = subprocess.run(cmd + extra, cwd=tmp_path, env=dict(env, SLURM_RESTART_COUNT="1"), capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        _, *nodes = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert all(argv[-len(tool + extra + added):] == tool + extra + added for argv in nodes)
+
     proc = subprocess.run(cmd, cwd=tmp_path, env=dict(env, SLURM_SUBMIT_DIR=str(tmp_path)), capture_output=True,
                           text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (2, "")
