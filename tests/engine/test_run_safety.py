@@ -211,6 +211,18 @@ def test_a_resume_may_train_longer_and_records_what_it_uses(image_list, run):
     assert trainer._state(2)["config"] == want
 
 
+def test_a_resume_may_read_the_images_from_another_root(image_list, run, tmp_path):
+    """DATA.ROOT (a copy of the images on the compute node) and DATA.DECODE may change; the list may not."""
+    copy = tmp_path / "local copy"
+    shutil.copytree(image_list / "img", copy / "img")
+    argv = overrides(image_list, run, "TRAIN.RESUME", "auto", "DATA.DECODE", "pil_draft")
+    argv[argv.index("DATA.ROOT") + 1] = str(copy)
+    trainer = Trainer(load_config(None, argv))
+    assert trainer.start_epoch == 1 and trainer.dataset.paths[0].startswith(str(copy))
+    data = yaml.safe_load((run / "config.yaml").read_text())["DATA"]
+    assert (data["ROOT"], data["DECODE"]) == (str(copy), "pil_draft")
+
+
 def test_temporaries_of_killed_writes_are_removed_on_start(image_list, run):
     names = [".last.pth.4242.0123abcd.tmp", ".config.yaml.4242.89abcdef.tmp"]
     for name in names:
