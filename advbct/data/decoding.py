@@ -13,7 +13,6 @@ The random crop and flip draw the same random numbers in the same order in every
 augments the same way whichever decoder it uses.
 """
 
-import io
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,10 +20,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from advbct.data.image_list import crop_box, load_image
+from advbct.data.image_list import crop_box, load_image, opened_image
 from advbct.data.transforms import CROP_RATIO, as_hw, check_augment, normalise, train_transform
 from advbct.errors import UserError
 
@@ -101,19 +99,16 @@ class ImageInput:
             raise UserError(f"{path}: image not found (see Dataset.md)") from None
         except OSError as exc:
             raise UserError(f"{path}: cannot read image ({exc.strerror})") from None
-        try:  # the header only: size and format, no pixel decoded
-            with Image.open(io.BytesIO(data.tobytes())) as img:
-                fmt, (w, h) = img.format, img.size
-                x1, y1, x2, y2 = (0, 0, w, h) if box is None else crop_box(box, w, h)
-                flip = False
-                if self.augment == "crop_flip":  # the same draws as T.RandomResizedCrop + T.RandomHorizontalFlip
-                    region = torch.empty(1, 1, 1).expand(1, y2 - y1, x2 - x1)  # its shape only, no memory
-                    i, j, ch, cw = T.RandomResizedCrop.get_params(region, list(self.crop_scale), list(CROP_RATIO))
-                    x1, y1, x2, y2 = x1 + j, y1 + i, x1 + j + cw, y1 + i + ch
-                if self.augment != "none":
-                    flip = bool(torch.rand(1) < 0.5)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise UserError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
+        with opened_image(path, data.tobytes()) as img:  # the header only: size and format, no pixel decoded
+            fmt, (w, h) = img.format, img.size
+            x1, y1, x2, y2 = (0, 0, w, h) if box is None else crop_box(box, w, h)
+            flip = False
+            if self.augment == "crop_flip":  # the same draws as T.RandomResizedCrop + T.RandomHorizontalFlip
+                region = torch.empty(1, 1, 1).expand(1, y2 - y1, x2 - x1)  # its shape only, no memory
+                i, j, ch, cw = T.RandomResizedCrop.get_params(region, list(self.crop_scale), list(CROP_RATIO))
+                x1, y1, x2, y2 = x1 + j, y1 + i, x1 + j + cw, y1 + i + ch
+            if self.augment != "none":
+                flip = bool(torch.rand(1) < 0.5)
         if fmt != "JPEG":
             raise UserError(f"{path}: {fmt} image, but {KEY} nvjpeg decodes JPEG files only: use {KEY} pil")
         return torch.from_numpy(data), (x1, y1, x2, y2), flip, path

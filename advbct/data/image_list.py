@@ -5,6 +5,8 @@ The list format is the one of the original code (OpenCompatible / AdvBCT), e.g. 
 separated by whitespace. The GLDv2 test lists use the same format with the running index as the integer.
 """
 
+import contextlib
+import io
 import os
 
 import numpy as np
@@ -124,20 +126,28 @@ def _draft(img, box, min_size):
     return (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
 
+@contextlib.contextmanager
+def opened_image(path, data=None):
+    """``Image.open`` of ``path`` (or of ``data``, its bytes already read): a missing file, or one found
+    unreadable or corrupt inside the ``with`` block, ends in one line naming ``path``."""
+    try:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
+            yield img
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found (see Dataset.md)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
+
+
 def load_image(path, box=None, draft=None):
     """Decode ``path`` as an RGB PIL image, optionally cropped to ``box`` = (x1, y1, x2, y2) in pixels.
 
     ``draft`` = (w, h): a JPEG is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still leaves the
     image, or the box, at least that many pixels (other formats are decoded whole)."""
-    try:
-        with Image.open(path) as img:
-            if draft is not None and img.format == "JPEG":
-                box = _draft(img, box, draft)
-            img = img.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"{path}: image not found (see Dataset.md)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable or corrupt image ({type(exc).__name__}: {exc})") from None
+    with opened_image(path) as img:
+        if draft is not None and img.format == "JPEG":
+            box = _draft(img, box, draft)
+        img = img.convert("RGB")
     if box is not None:
         img = img.crop(crop_box(box, *img.size))
     return img

@@ -134,6 +134,16 @@ def test_perspective_coeffs_map_points():
         assert np.allclose([(a * x + b * y + c) / w, (d * x + e * y + f) / w], [u, v])
 
 
+def _assert_box_fits_magenta(img, box, min_pixels):
+    """``box`` is the bounding box, within 1.5 px, of the more than ``min_pixels`` magenta pixels of ``img``."""
+    arr = np.asarray(img).astype(int)
+    magenta = (arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] > 200)
+    ys, xs = np.nonzero(magenta)
+    assert len(xs) > min_pixels
+    assert abs(xs.min() - box[0]) <= 1.5 and abs(xs.max() + 1 - box[2]) <= 1.5
+    assert abs(ys.min() - box[1]) <= 1.5 and abs(ys.max() + 1 - box[3]) <= 1.5
+
+
 def test_query_box_covers_the_landmark():
     """With no change of view, the returned box is where the landmark's pixels land in the image."""
     pixels = np.zeros((128, 128, 4), dtype=np.uint8)
@@ -141,12 +151,7 @@ def test_query_box_covers_the_landmark():
     scene = Scene(pixels, (30.0, 40.0, 70.0, 90.0))
     for seed in range(3):
         img, box = render_view(scene, synthetic._rng(seed, 9), 0.0, 64, query=True)
-        arr = np.asarray(img).astype(int)
-        magenta = (arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] > 200)
-        ys, xs = np.nonzero(magenta)
-        assert len(xs) > 50
-        assert abs(xs.min() - box[0]) <= 1.5 and abs(xs.max() + 1 - box[2]) <= 1.5
-        assert abs(ys.min() - box[1]) <= 1.5 and abs(ys.max() + 1 - box[3]) <= 1.5
+        _assert_box_fits_magenta(img, box, min_pixels=50)
 
 
 def test_output_folder_safety(tmp_path):
@@ -221,12 +226,7 @@ def test_query_box_in_a_real_size_frame_is_where_the_landmark_lands():
     for seed in range(3):
         img, box = render_view(scene, synthetic._rng(seed, 9), 0.0, 128, query=True, frame=(128, 96))
         assert img.size == (128, 96)
-        arr = np.asarray(img).astype(int)
-        magenta = (arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] > 200)
-        ys, xs = np.nonzero(magenta)
-        assert len(xs) > 200
-        assert abs(xs.min() - box[0]) <= 1.5 and abs(xs.max() + 1 - box[2]) <= 1.5
-        assert abs(ys.min() - box[1]) <= 1.5 and abs(ys.max() + 1 - box[3]) <= 1.5
+        _assert_box_fits_magenta(img, box, min_pixels=200)
         assert 0 <= box[1] < box[3] <= 96
 
 

@@ -26,7 +26,6 @@ the fidelity against ``pil``: mean absolute difference of the uint8 model inputs
 import os
 import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from advbct.data.synthetic import parse_frame, write_photos
 from advbct.data.transforms import normalise
 from advbct.errors import UserError
 from advbct.evaluation import test_sets
+from benchmarks.timing import timed_calls
 
 MODES = ("pil", "pil_draft", "nvjpeg_cpu", "preresized")
 
@@ -89,14 +89,10 @@ def write_pink_noise(out, frame, count, seed=0, quality=90):
 
 
 def _timed(fn, repeats):
-    """Median seconds of ``repeats`` calls of ``fn`` (after one untimed call: page cache, lazy imports)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """``fn()`` and the median seconds of ``repeats`` further calls (the first, untimed, warms the page
+    cache and lazy imports; its result is the one kept)."""
+    result = fn()
+    return result, statistics.median(timed_calls(fn, repeats))
 
 
 def _pixels_pil(paths, images):
@@ -136,12 +132,11 @@ def _measure_folder(root, args, model, paths=None):
             "preresized": lambda: _pixels_pil(small, pil_in),
         }
         for mode, fn in runs.items():
-            seconds = _timed(fn, args.repeats)
-            pixels[mode] = fn()
+            pixels[mode], seconds = _timed(fn, args.repeats)
             rows[mode] = {"img_s_per_core": round(len(paths) / seconds, 1)}
         nvjpeg = ImageInput(args.size, "nvjpeg")  # what its DataLoader workers do: no pixel decoded
-        rows["nvjpeg_read"] = {"img_s_per_core": round(len(paths) / _timed(
-            lambda: [nvjpeg.read(p) for p in paths], args.repeats), 1)}
+        _, seconds = _timed(lambda: [nvjpeg.read(p) for p in paths], args.repeats)
+        rows["nvjpeg_read"] = {"img_s_per_core": round(len(paths) / seconds, 1)}
         small_bytes = float(np.mean([os.path.getsize(p) for p in small]))
     if torch.cuda.is_available():
         rows["nvjpeg"] = _measure_gpu(paths, args)
@@ -168,16 +163,16 @@ def _measure_folder(root, args, model, paths=None):
 def _measure_gpu(paths, args):
     """nvjpeg with CUDA: the workers' per-core cost (read bytes, parse the header) and the GPU's images/s."""
     images = ImageInput(args.size, "nvjpeg")
-    read = _timed(lambda: [images.read(p) for p in paths], args.repeats)
-    batches = [images.collate([(images.read(p), 0, i) for i, p in enumerate(paths[s:s + args.batch])])[0]
-               for s in range(0, len(paths), args.batch)]
+    items, read = _timed(lambda: [images.read(p) for p in paths], args.repeats)
+    batches = [images.collate([(item, 0, i) for i, item in enumerate(items[s:s + args.batch])])[0]
+               for s in range(0, len(items), args.batch)]
 
     def decode():
         for b in batches:
             decode_on_device(b, images.size, "cuda")
         torch.cuda.synchronize()
 
-    gpu = _timed(decode, args.repeats)
+    _, gpu = _timed(decode, args.repeats)
     return {"worker_img_s_per_core": round(len(paths) / read, 1), "gpu_img_s": round(len(paths) / gpu, 1)}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from advbct.errors import UserError
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
 from advbct.losses.discriminator import grad_reverse, grl_alpha
+from benchmarks.timing import timed_calls
 
 METHODS = ("advbct", "advbct_boundary", "advbct_adversarial", "lce", "unibct", "bct")
 
@@ -173,18 +173,10 @@ def reference_bct(feat, labels, old_weight, num_old):
 
 # --------------------------------------------------------------------------------------------- timing
 def _time_ms(step, device: torch.device, repeats: int, warmup: int):
+    """Median milliseconds of ``repeats`` calls of ``step`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return statistics.median(timed_calls(step, repeats, device)) * 1000.0
 
 
 def _forward_backward(fn, leaves):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
@@ -30,6 +29,7 @@ from advbct.engine.trainer import Trainer
 from advbct.losses import build_compat_loss
 from advbct.meta import ClassMeta
 from advbct.models import build_model
+from benchmarks.timing import timed_calls
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,20 +71,6 @@ def frozen_old_model(args, arch, device):
     return old_model.to(device, memory_format=memory_format(args.channels_last)).eval().requires_grad_(False)
 
 
-def _timed(args, device, work):
-    """Seconds of each of ``args.warmup + args.steps`` calls of ``work`` (which waits for its result)."""
-    times = []
-    for _ in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        work()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def make_stepper(args, arch, device, amp, advbct, gen):
     """A stand-in ``self`` for ``Trainer._step`` holding exactly what the step reads (world size 1)."""
     fmt = memory_format(args.channels_last)
@@ -113,7 +99,8 @@ def time_steps(args, arch, device, size, batch, amp, advbct, gen):
                          torch.randint(args.old_classes, args.num_classes, (batch,), generator=gen)).to(device)
     # float() waits for the step; every step is timed, warm-up included: the first one (compilation, if
     # any) is reported apart
-    times = _timed(args, device, lambda: float(Trainer._step(stepper, images, labels, 0, 0.5)["total"]))
+    times = timed_calls(lambda: float(Trainer._step(stepper, images, labels, 0, 0.5)["total"]),
+                        args.warmup + args.steps, device)
     ms = statistics.median(times[args.warmup:]) * 1000.0
     return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1), "first_step_s": round(times[0], 2)}
 
@@ -128,7 +115,7 @@ def time_old_forward(args, arch, device, size, batch, amp, gen):
         with torch.no_grad(), autocast_context(amp, device):
             float(old_model.embed(images).float()[0, 0])  # waits for the forward
 
-    ms = statistics.median(_timed(args, device, forward)[args.warmup:]) * 1000.0
+    ms = statistics.median(timed_calls(forward, args.warmup + args.steps, device)[args.warmup:]) * 1000.0
     return {"step_ms": round(ms, 2), "img_per_s": round(batch / ms * 1000.0, 1)}
 
 
