@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ GARBAGE = b"\x89\x00 not what it should be \xff\xfe"
 @dataclass(frozen=True)
 class Case:
     """``entry`` (tools/X.py, or ``pipelines``) called with ``argv`` (``{w}`` is the world folder, ``{ckpt}`` a
-    valid checkpoint, ``{meta}`` its meta); the last stderr line must contain ``needle`` (``{w}`` expanded)."""
+    valid checkpoint); the last stderr line must contain ``needle`` (``{w}`` expanded)."""
 
     id: str
     entry: str
@@ -143,10 +144,8 @@ SCRIPT_CASES = [  # bash entry points: (id, argv, needle in the one stderr line)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, image_list, random_checkpoint, class_meta):
-    """The inputs the cases point at: good ones (a list, a checkpoint, its meta, a revisited root) and bad ones."""
-    import shutil
-
+def world(tmp_path_factory, image_list, random_checkpoint):
+    """The inputs the cases point at: good ones (a list, a checkpoint, a revisited root) and bad ones."""
     w = tmp_path_factory.mktemp("battery")
     shutil.copytree(image_list, w, dirs_exist_ok=True)  # train.txt over img/
     (w / "cfg.yml").write_text(f"DATA:\n  TRAIN_LIST: {w}/train.txt\n  ROOT: {w}\n  IMG_SIZE: 16\n  NUM_WORKERS: 0\n"
@@ -160,7 +159,7 @@ def world(tmp_path_factory, image_list, random_checkpoint, class_meta):
         (w / name).write_bytes(b"")
     (w / "list.json").write_text("[1, 2, 3]")
     ckpt = random_checkpoint(3, 32, 4)
-    paths = {"ckpt": ckpt, "meta": class_meta(ckpt)}
+    paths = {"ckpt": ckpt}
     (w / "rev" / "roxford5k" / "jpg").mkdir(parents=True)  # a valid revisited root: 1 query, 2 gallery images
     for name in ("q0", "g0", "g1"):
         Image.new("RGB", (16, 16), (len(name) * 40, 90, 140)).save(w / "rev" / "roxford5k" / "jpg" / f"{name}.jpg")
@@ -180,7 +179,7 @@ def world(tmp_path_factory, image_list, random_checkpoint, class_meta):
 
 
 def _expand(text, w, paths):
-    return text.replace("{w}", str(w)).replace("{ckpt}", paths["ckpt"]).replace("{meta}", paths["meta"])
+    return text.replace("{w}", str(w)).replace("{ckpt}", paths["ckpt"])
 
 
 def _snapshot(root, skip):
@@ -242,7 +241,6 @@ def test_python_entry_point_refuses_in_one_line(case, world, capsys, monkeypatch
     assert sum(ln.startswith(("error:", "usage:")) for ln in lines) == 1, err  # one message, the last line
     assert _snapshot(str(w), fresh) == before  # nothing changed outside the fresh output folder
     assert (_tree(REPO / "output"), _tree(REPO / "data")) == repo_before
-    import shutil
     shutil.rmtree(fresh, ignore_errors=True)
 
 
