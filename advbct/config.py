@@ -223,6 +223,11 @@ def _flatten(tree, prefix=""):
             yield prefix + str(k), v
 
 
+def flat_config(tree):
+    """``{"SECTION.KEY": value}`` of a nested config dict (e.g. ``cfg.to_dict()`` or a checkpoint's config)."""
+    return dict(_flatten(tree))
+
+
 def _parse_value(text, default):
     """A command-line value for a key whose default is ``default``: for a string key the text itself, verbatim
     (``run #2``, ``2024``, quotes kept); for a typed key parsed as YAML would (``0.1``, ``true``, ``[5, 10]``),

@@ -104,10 +104,29 @@ def run_one_process(overrides):
     return Trainer(load_config(None, overrides)).fit()
 
 
-def load_last(out):
+def load_checkpoint(path):
+    """A checkpoint file's dict, its tensors on the CPU."""
     import torch
 
-    return torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_last(out):
+    return load_checkpoint(out / "last.pth")
+
+
+def flat_tensors(tree, prefix=""):
+    """The tensors of a checkpoint part (nested dicts/lists) as ``{dotted.key: tensor}``."""
+    import torch
+
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    out = {}
+    for k, v in items:
+        if torch.is_tensor(v):
+            out[f"{prefix}{k}"] = v
+        else:
+            out.update(flat_tensors(v, f"{prefix}{k}."))
+    return out
 
 
 def relative_error(a, b):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from advbct.config import DEFAULTS, all_keys, describe, load_config, save_config
+from advbct.config import DEFAULTS, all_keys, describe, flat_config, load_config, save_config
 from advbct.data.splits import split_by_class
 from advbct.data.synthetic import PRESETS
 from advbct.errors import UserError
@@ -218,3 +218,11 @@ def test_small_preset_has_the_real_revisited_query_count():
     run's mAP is not decided by a handful of queries (30 moved RParis by about 2 points run to run)."""
     small = PRESETS["small"]
     assert small.rev_landmarks * small.rev_queries == 70
+
+
+def test_flat_config_gives_every_key_of_the_config_by_its_dotted_name():
+    cfg = load_config(None, ["TRAIN.LR_STEPS", "[5, 10]", "OUTPUT", "out/x"])
+    flat = flat_config(cfg.to_dict())
+    assert set(flat) == set(all_keys())
+    assert flat["TRAIN.LR_STEPS"] == [5, 10] and flat["OUTPUT"] == "out/x"
+    assert flat_config({"A": {"B": {"C": 1}, "D": []}, "E": ""}) == {"A.B.C": 1, "A.D": [], "E": ""}

@@ -24,7 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from advbct import distributed as dist
-from advbct.config import save_config
+from advbct.config import flat_config, save_config
 from advbct.data.workers import resolve_num_workers
 from advbct.engine.builders import build_compatibility, build_new_model, build_train_dataset
 from advbct.engine.precision import autocast_context, memory_format, resolve_amp
@@ -134,17 +134,6 @@ def read_resumable(path):
     hint = (f"resume from {_either(usable)} in its folder" if usable
             else "its folder holds no last.pth or epoch_N.pth to resume from")
     raise UserError(f"{path}: not a resumable checkpoint ({what}it lacks {', '.join(missing)}): {hint}")
-
-
-def flat_config(tree, prefix=""):
-    """``{"SECTION.KEY": value}`` of a nested config dict."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def may_change_on_resume(key):

@@ -44,22 +44,12 @@ def is_training(command) -> bool:
             and os.path.basename(str(command[1])) in TRAIN_SCRIPTS)
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def step_inputs(argv, env=None):
     """``(OUTPUT, inputs)`` of the training ``argv`` runs (``bash SCRIPT CONFIG [KEY VALUE ...]``, from the
     repository root): its resolved config, the files it names with their sha256, ``env``."""
-    from advbct.config import load_config
+    from advbct.config import flat_config, load_config
 
-    config = _flat(load_config(argv[2], list(argv[3:])).to_dict())
+    config = flat_config(load_config(argv[2], list(argv[3:])).to_dict())
     for key in _CONTROL:
         config.pop(key, None)
     files = {}

@@ -22,7 +22,8 @@ from advbct.config import load_config
 from advbct.engine.trainer import Trainer
 from advbct.io import is_temporary
 from advbct.models import save_checkpoint
-from helpers import REPO
+from helpers import REPO, flat_tensors
+from helpers import load_checkpoint as load
 
 EMB = 32
 CHECKPOINT_TEMPS = (".last.pth.", ".final.pth.", ".epoch_")  # advbct.io temporaries of the checkpoints
@@ -34,10 +35,6 @@ def overrides(data, out, *extra, epochs=1):
             "DATA.IMG_SIZE", "16", "DATA.NUM_WORKERS", "0", "TRAIN.BATCH_SIZE", "8", "TRAIN.EPOCHS", str(epochs),
             "TRAIN.MAX_ITERS_PER_EPOCH", "1", "TRAIN.PRINT_FREQ", "1", "TRAIN.SAVE_FREQ", "1", "SEED", "1234",
             *extra]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def train_tool():
@@ -389,14 +386,3 @@ def test_sigkill_at_random_points_loses_nothing(image_list, tmp_path, monkeypatc
         assert all(torch.equal(got_t[k], want_t[k]) for k in want_t), part
     assert all(torch.equal(final["model"][k], v) for k, v in load(ref / "final.pth")["model"].items())
     assert last["scheduler"] == want["scheduler"] and torch.equal(last["rng"], want["rng"])
-
-
-def flat_tensors(tree, prefix=""):
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    out = {}
-    for k, v in items:
-        if torch.is_tensor(v):
-            out[f"{prefix}{k}"] = v
-        else:
-            out.update(flat_tensors(v, f"{prefix}{k}."))
-    return out

@@ -22,7 +22,8 @@ import torch
 from advbct.config import load_config
 from advbct.engine.trainer import Trainer
 from advbct.models import build_model
-from helpers import REPO
+from helpers import REPO, flat_tensors
+from helpers import load_checkpoint as load
 
 CLASSES, EMB = 4, 32   # the image_list fixture's classes
 
@@ -53,22 +54,6 @@ def overrides(setup, out, *extra, epochs=2):
 def advbct_overrides(setup, out, *extra):
     return overrides(setup, out, "COMP_LOSS.TYPE", "advbct", "OLD_MODEL.WEIGHTS", str(setup["old"]),
                      "COMP_LOSS.META_PATH", str(setup["meta"]), *extra)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def tensors(tree, prefix=""):
-    """Flatten the tensors of a checkpoint (nested dicts/lists) into {dotted.key: tensor}."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    out = {}
-    for k, v in items:
-        if torch.is_tensor(v):
-            out[f"{prefix}{k}"] = v
-        else:
-            out.update(tensors(v, f"{prefix}{k}."))
-    return out
 
 
 RESUMED_PARTS = ("model", "optimizer", "comp_loss")  # the scheduler holds numbers only: compared with ==
@@ -120,13 +105,13 @@ def test_resume_after_crash_equals_straight_run(setup, straight, tmp_path, monke
     last = load(tmp_path / "last.pth")
     assert last["epoch"] == straight["last"]["epoch"] == 2
     for part in RESUMED_PARTS:
-        got, want = tensors(last[part]), tensors(straight["last"][part])
+        got, want = flat_tensors(last[part]), flat_tensors(straight["last"][part])
         assert got.keys() == want.keys() and got, part
         for key in want:
             assert torch.equal(got[key], want[key]), f"{part}.{key}"
-    momentum = [v for k, v in tensors(last["optimizer"]).items() if k.endswith("momentum_buffer")]
+    momentum = [v for k, v in flat_tensors(last["optimizer"]).items() if k.endswith("momentum_buffer")]
     assert momentum and all(m.abs().sum() > 0 for m in momentum[:3])  # momentum really was restored
-    assert "elastic_weight" in " ".join(tensors(last["comp_loss"]))
+    assert "elastic_weight" in " ".join(flat_tensors(last["comp_loss"]))
     assert last["scheduler"] == straight["last"]["scheduler"]
     assert torch.equal(load(tmp_path / "final.pth")["model"]["embedding.fc.weight"],
                        straight["last"]["model"]["embedding.fc.weight"])
@@ -156,7 +141,7 @@ def test_killed_process_resumes(setup, straight, tmp_path):
     assert len(history) == 2 - epoch
     last = load(tmp_path / "last.pth")
     for part in ("model", "comp_loss"):
-        got, want = tensors(last[part]), tensors(straight["last"][part])
+        got, want = flat_tensors(last[part]), flat_tensors(straight["last"][part])
         for key in want:
             diff = (got[key].double() - want[key].double()).norm() / want[key].double().norm().clamp(min=1e-12)
             assert diff <= 1e-6, f"{part}.{key}: relative difference {float(diff)}"
