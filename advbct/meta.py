@@ -84,14 +84,12 @@ def iqr_filter(values: torch.Tensor, labels: torch.Tensor, num_classes: int):
     return r_max, r_min, n_kept
 
 
-def check_finite_features(features, labels, source="features", chunk_size: int = 262144) -> None:
-    """Refuse NaN/inf rows in one line naming the classes they belong to (a NaN center would reach
-    the compatibility loss of every batch of that class); checked ``chunk_size`` rows at a time."""
-    finite = torch.cat([torch.isfinite(features[s:s + chunk_size]).all(dim=1)
-                        for s in range(0, features.shape[0], chunk_size)] or [torch.ones(0, dtype=torch.bool)])
+def _refuse_non_finite(finite, labels, source) -> None:
+    """UserError naming the classes of the rows ``finite`` marks False (NaN/inf features), if any: a NaN
+    center would reach the compatibility loss of every batch of that class."""
     if bool(finite.all()):
         return
-    classes = torch.unique(labels[~finite.to(labels.device)]).tolist()
+    classes = torch.unique(labels[~finite]).tolist()
     shown = ", ".join(str(c) for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
     raise UserError(f"{source}: NaN or inf features for {int((~finite).sum())} image(s) of {len(classes)} "
                     f"class(es) (ids {shown}); no class meta written")
@@ -113,12 +111,15 @@ def compute_meta(features, labels, num_classes: int, chunk_size: int = 262144, s
     n, dim = features.shape
     device = features.device
     labels = labels.to(device)
-    check_finite_features(features, labels, source, chunk_size)
     counts = torch.bincount(labels, minlength=num_classes)
     sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
+    finite = torch.empty(n, dtype=torch.bool, device=device)
     for s in range(0, n, chunk_size):
-        f = torch.nn.functional.normalize(features[s:s + chunk_size].float(), dim=1)
+        chunk = features[s:s + chunk_size]
+        finite[s:s + chunk_size] = torch.isfinite(chunk).all(dim=1)  # checked in the same pass as the sums
+        f = torch.nn.functional.normalize(chunk.float(), dim=1)
         sums.index_add_(0, labels[s:s + chunk_size], f.double())
+    _refuse_non_finite(finite, labels, source)
     centers = (sums / counts.clamp(min=1).unsqueeze(1)).float()
     unit_centers = torch.nn.functional.normalize(centers, dim=1)
     radii = torch.empty(n, dtype=torch.float32, device=device)

@@ -215,10 +215,11 @@ def test_compute_meta_refuses_nan_features_naming_the_classes():
     feats = torch.randn(40, 4)
     feats[[3, 13, 7]] = float("nan")  # classes 3 (twice) and 7
     feats[9, 0] = float("inf")        # class 9
-    with pytest.raises(UserError) as info:
-        compute_meta(feats, labels, 10, source="old.pth")
-    assert str(info.value) == ("old.pth: NaN or inf features for 4 image(s) of 3 class(es) (ids 3, 7, 9); "
-                               "no class meta written")
+    for chunk_size in (262144, 8):  # one chunk, and bad rows spread over several chunks
+        with pytest.raises(UserError) as info:
+            compute_meta(feats, labels, 10, chunk_size=chunk_size, source="old.pth")
+        assert str(info.value) == ("old.pth: NaN or inf features for 4 image(s) of 3 class(es) (ids 3, 7, 9); "
+                                   "no class meta written")
 
 
 def test_extract_meta_with_nan_features_writes_nothing(image_list, random_checkpoint, tmp_path, monkeypatch):

@@ -155,7 +155,7 @@ def compare_maps(gpu: dict, cpu: dict, tolerance: float) -> dict:
         if key in missing:
             continue
         g, c = gpu[key], cpu[key]
-        if not (isinstance(g, (int, float)) and isinstance(c, (int, float)) and math.isfinite(g) and math.isfinite(c)):
+        if not (_finite(g) and _finite(c)):
             bad.append(key)
             continue
         deltas[key] = round(float(g) - float(c), 4)
@@ -226,7 +226,11 @@ def headline_maps(eval_root: str, models=NEW_MODELS, sets=None) -> dict:
 
 
 def load_suite(name):
-    """``tools/benchmarks/<name>.py`` as a module, without putting tools/ on sys.path."""
+    """``tools/benchmarks/<name>.py`` as a module; tools/ goes at the end of sys.path (the suites import their
+    shared helpers as ``benchmarks.timing``), so it shadows no installed module."""
+    tools = os.path.join(REPO, "tools")
+    if tools not in sys.path:
+        sys.path.append(tools)
     key = f"_gpu_check_suite_{name}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, os.path.join(REPO, "tools", "benchmarks", f"{name}.py"))
@@ -267,7 +271,7 @@ def decoding_figures(result: dict) -> dict:
         raise StepFailed(f"loader benchmark wrote no {', '.join(absent)} row(s): {sorted(modes)}")
     gpu = modes.get("nvjpeg") or {}
     pixel_mad = {m: modes[m].get("pixel_mad") for m in DECODING_MODES if isinstance(modes.get(m), dict)}
-    within = all(_finite(pixel_mad.get(m)) and pixel_mad[m] <= NVJPEG_PIXEL_TOLERANCE for m in DECODING_CHECKED)
+    within = not pixel_problems(pixel_mad, NVJPEG_PIXEL_TOLERANCE)
     return {"image_size": folder.get("image_size"), "images": folder.get("images"),
             "input_size": (result.get("setup") or {}).get("size"),
             "pil_img_s_per_core": modes["pil"].get("img_s_per_core"),
@@ -284,15 +288,24 @@ def _finite(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def pixel_problems(pixel_mad: dict, tolerance: float) -> list:
+    """One line per DECODING_CHECKED row whose pixel difference from PIL is absent, not finite or over ``tolerance``."""
+    problems = []
+    for m in DECODING_CHECKED:
+        mad = pixel_mad.get(m)
+        if not _finite(mad):
+            problems.append(f"{m} pixel_mad {mad} is not a finite number")
+        elif mad > tolerance:
+            problems.append(f"{m} pixel_mad {mad} vs PIL exceeds the tolerance {tolerance:g} levels")
+    return problems
+
+
 def check_decoding(fig: dict):
     """StepFailed unless nvjpeg was measured and both nvjpeg paths' pixels lie within the tolerance of PIL's."""
     if "nvjpeg" not in fig["pixel_mad"]:
         raise StepFailed("nvjpeg not measured: the loader benchmark wrote no nvjpeg row (torch.cuda.is_available() "
                          "was False in its process)")
-    problems = [f"{m} pixel_mad {fig['pixel_mad'][m]} vs PIL exceeds the tolerance {fig['pixel_tolerance']:g} levels"
-                if _finite(fig["pixel_mad"][m]) else f"{m} pixel_mad {fig['pixel_mad'][m]} is not a finite number"
-                for m in DECODING_CHECKED
-                if not (_finite(fig["pixel_mad"][m]) and fig["pixel_mad"][m] <= fig["pixel_tolerance"])]
+    problems = pixel_problems(fig["pixel_mad"], fig["pixel_tolerance"])
     if problems:
         raise StepFailed("; ".join(problems))
 

@@ -174,13 +174,13 @@ def run_evaluation(cfg):
         dist.run_on_main(lock.acquire)  # rank 0 writes the results, so rank 0 holds the lock
         jobs = [(job, load_test_set(job.EVAL.DATASET, job.EVAL.ROOT, job.EVAL.GLDV2_SPLIT)) for job in job_cfgs]
         with_old = bool(cfg.OLD_MODEL.WEIGHTS)
-        if with_old:
-            check_same_embedding(cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
-            if cfg.EVAL.OLD_FEATURES_CACHE:
-                feature_cache.check_directory(cfg.EVAL.OLD_FEATURES_CACHE)
+        if with_old and cfg.EVAL.OLD_FEATURES_CACHE:
+            feature_cache.check_directory(cfg.EVAL.OLD_FEATURES_CACHE)
         new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device)
         old = (load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
                if with_old else None)
+        if with_old:  # each checkpoint is read once, by load_trained_model
+            check_same_embedding(new, old, cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
         models = {"new_model": {"arch": cfg.NEW_MODEL.ARCH, "weights": cfg.NEW_MODEL.WEIGHTS}}
         if with_old:
             models["old_model"] = {"arch": cfg.OLD_MODEL.ARCH, "weights": cfg.OLD_MODEL.WEIGHTS}

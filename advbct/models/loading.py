@@ -59,26 +59,17 @@ def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu"):
 def check_finite_weights(model, path, key):
     """Refuse a model whose loaded weights or buffers hold NaN or inf (a diverged training): its features
     would be NaN; one line naming the config ``key``, the file and the first bad tensor."""
-    floats = {name: t for name, t in model.state_dict().items() if t.is_floating_point() and t.numel()}
-    if not floats:
-        return
-    # a NaN or inf element makes its tensor's sum non-finite; a non-finite sum of finite values (overflow)
-    # is told apart by the exact test, run only on those tensors
-    sums = torch.stack([t.detach().sum().float() for t in floats.values()])
-    if bool(torch.isfinite(sums).all()):
-        return
-    suspects = [name for name, ok in zip(floats, torch.isfinite(sums).tolist()) if not ok]
-    bad = [name for name in suspects if not bool(torch.isfinite(floats[name]).all())]
-    if not bad:
-        return
-    raise UserError(f"{key}: {path} holds NaN or inf in {len(bad)} of {len(floats)} weight tensors "
-                    f"(first: {bad[0]}); was it saved after its training diverged?")
+    floats = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    bad = [name for name, t in floats.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{key}: {path} holds NaN or inf in {len(bad)} of {len(floats)} weight tensors "
+                        f"(first: {bad[0]}); was it saved after its training diverged?")
 
 
-def check_same_embedding(new_path, old_path):
-    """Cross-test needs one embedding space: refuse models of different sizes before any extraction."""
-    new_dim, _ = checkpoint_shapes(new_path, "NEW_MODEL.WEIGHTS")
-    old_dim, _ = checkpoint_shapes(old_path, "OLD_MODEL.WEIGHTS")
+def check_same_embedding(new_model, old_model, new_path, old_path):
+    """Cross-test needs one embedding space: refuse loaded models of different sizes before any extraction
+    (their sizes are read from the models, so neither checkpoint is read again)."""
+    new_dim, old_dim = new_model.embed_dim, old_model.embed_dim
     if new_dim != old_dim:
         raise UserError(f"new model {new_path} embeds to {new_dim} dims but old model {old_path} to "
                         f"{old_dim}: cross-test needs the same embedding size (MODEL.EMB_DIM)")

@@ -106,6 +106,7 @@ def test_dry_run_report_schema(gc, tmp_path, capsys):
         assert step["reason"] == "--cpu-dry-run: the GPU steps do not run"
         assert step["kind"] in ("correctness", "performance", "correctness+performance")
         assert isinstance(step["title"], str) and step["title"]
+        assert (step["kind"], step["title"]) == (gc.KINDS[name], gc.TITLES[name])
         assert (step["seconds"], step["figures"], step["commands"], step["log"]) == (0.0, {}, [], None)
     assert report["steps"]["pipeline"]["kind"] == "correctness"
     decoding = report["steps"]["decoding"]
