@@ -142,16 +142,21 @@ def embed_old_test_set(old_model, test_set, cfg, progress=True):
     return old_q, old_g
 
 
-def score_models(test_set, cfg, new_q, new_g, old_q=None, old_g=None):
+def score_models(test_set, cfg, new_q, new_g, old_q=None, old_g=None, cross_g=None):
     """The result dict of one test set from its features: self-test, and with the old model's features
-    cross-test, old self-test and (EVAL.BACKFILL) the backfilling curve."""
+    cross-test, old self-test and (EVAL.BACKFILL) the backfilling curve.
+
+    ``cross_g``: the old gallery as the new model's queries search it (default ``old_g``; a method that
+    maps old embeddings into the new space passes the mapped gallery). The cross test and the backfilled
+    galleries use it; the old self-test uses ``old_q`` against ``old_g`` as they are."""
+    cross_g = old_g if cross_g is None else cross_g
     result = {"dataset": test_set.name, "self_test": score(test_set, new_q, new_g)}
     if old_g is not None:
-        result["cross_test"] = score(test_set, new_q, old_g)
+        result["cross_test"] = score(test_set, new_q, cross_g)
         result["old_self_test"] = score(test_set, old_q, old_g)
         if cfg.EVAL.BACKFILL:
             e = cfg.EVAL
-            result["backfill"] = backfill_curve(test_set, new_q, new_g, old_g, e.BACKFILL_RATIOS,
+            result["backfill"] = backfill_curve(test_set, new_q, new_g, cross_g, e.BACKFILL_RATIOS,
                                                 e.BACKFILL_SEED, e.BACKFILL_UNIT, e.BACKFILL_BATCH)
     return result
 
