@@ -111,6 +111,11 @@ DEFAULTS = {
         "OLD_FEATURES_CACHE": ("", "directory caching the old model's query/gallery features per test set, "
                                "keyed by the old checkpoint's content and the eval settings; '' = off"),
     },
+    "GENERATIONS": {  # scripts/test_generations.sh: the compatibility matrix of a chain of models
+        "WEIGHTS": ([], "checkpoints of a chain of model generations, oldest first, e.g. [gen1.pth,gen2.pth,gen3.pth]"),
+        "ARCHS": ([], "their backbones: one for all or one per checkpoint; [] = resnet18"),
+        "NAMES": ([], "their labels in the matrix; [] = phi1, phi2, ..."),
+    },
 }
 
 

@@ -92,3 +92,95 @@ def make_allocation(list_path, by, ratio=0.3, out_dir=None, dataset="gldv2"):
     return {"by": by, "ratio": ratio, "files": files,
             "old_images": int(len(old_idx)), "old_classes": int(len(np.unique(old_labels[old_idx]))),
             "new_images": int(len(labels)), "new_classes": int(len(np.unique(labels)))}
+
+
+def _class_generations(labels, ratios, seed=SEED):
+    """Per class, the first generation (0-based) that trains on it: the seeded class order of
+    :func:`split_by_class`, its first ``int(C * ratio_k)`` classes in generation k (nested prefixes)."""
+    num_classes = int(labels.max()) + 1
+    order = np.arange(num_classes)
+    np.random.RandomState(seed).shuffle(order)
+    first = np.full(num_classes, len(ratios) - 1, dtype=np.int64)
+    for k in reversed(range(len(ratios))):
+        first[order[: int(num_classes * ratios[k])]] = k
+    return first
+
+
+def chain_labels(labels, ratios, seed=SEED):
+    """Class allocation of a chain of generations: ``(generation of each image, chain label of each image)``.
+
+    Classes are numbered by (the generation that first trains on them, original id), so every generation's
+    classes are labels 0..N_k-1 and its predecessor's classes keep their labels: the old classes of
+    generation k are exactly ``label < N_(k-1)``, which the compatibility losses rely on. For two
+    generations (ratios [r, 1]) this is :func:`split_by_class`'s numbering."""
+    labels = np.asarray(labels, dtype=np.int64)
+    first = _class_generations(labels, ratios, seed)
+    classes = np.lexsort((np.arange(len(first)), first))  # by generation, then original id
+    renumber = np.empty(len(first), dtype=np.int64)
+    renumber[classes] = np.arange(len(first))
+    return first[labels], renumber[labels]
+
+
+def data_generations(labels, ratios, seed=SEED):
+    """Data allocation of a chain: the generation (0-based) that first trains on each image. Generation k
+    holds the images :func:`split_by_data` gives the old model at ``ratios[k]`` (the same per-class seeded
+    order, so the sets are nested; a class of 1-3 images has its first image in every generation), every
+    image at ratio 1."""
+    labels = np.asarray(labels, dtype=np.int64)
+    first = np.full(len(labels), len(ratios) - 1, dtype=np.int64)
+    for k in reversed(range(len(ratios))):
+        if ratios[k] < 1.0:
+            first[split_by_data(labels, ratios[k], seed)] = k
+        else:
+            first[:] = k
+    return first
+
+
+def check_chain_ratios(ratios, what=None):
+    """The chain's training shares: at least two, increasing, in (0, 1]; ``what`` names them in the one-line
+    error (default ``--chain <shares>``)."""
+    ratios = [float(r) for r in ratios]
+    what = what or f"--chain {','.join(f'{r:g}' for r in ratios)}"
+    if len(ratios) < 2:
+        raise UserError(f"{what}: a chain needs at least two generations (an old model and a new one), "
+                        f"got {len(ratios)}")
+    if any(not 0.0 < r <= 1.0 for r in ratios) or any(b <= a for a, b in zip(ratios, ratios[1:])):
+        raise UserError(f"{what}: expected increasing shares in (0, 1], e.g. 0.3,0.6,1.0")
+    return ratios
+
+
+def chain_list_name(ratios, by, dataset="gldv2"):
+    """File name of the train list of the last generation of ``ratios``: ``<dataset>_train_chain_30-60_class.txt``
+    (the numbering of a class list depends on every earlier generation, so the name carries them all)."""
+    return f"{dataset}_train_chain_{'-'.join(str(round(100 * r)) for r in ratios)}_{by}.txt"
+
+
+def make_chain_allocation(list_path, by, ratios, out_dir=None, dataset="gldv2"):
+    """Write one train list per generation of a chain (``ratios``: each generation's share of the classes or
+    of every class's images, increasing); return a summary with the paths, oldest first."""
+    if by not in ("class", "data"):
+        raise UserError(f"--by must be 'class' or 'data', got '{by}'")
+    ratios = check_chain_ratios(ratios)
+    paths, labels = read_image_list(list_path)
+    if len(labels) == 0:
+        raise UserError(f"{list_path}: the list is empty")
+    out_dir = out_dir or os.path.dirname(os.path.abspath(list_path))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = np.asarray(paths, dtype=str)
+    labels = np.asarray(labels, dtype=np.int64)
+    if by == "class":
+        generation, chain = chain_labels(labels, ratios)
+    else:
+        generation, chain = data_generations(labels, ratios), labels
+    order = np.argsort(labels, kind="stable")  # grouped by class in increasing original id, as make_allocation
+    files, summary = [], []
+    for k in range(len(ratios)):
+        idx = order[generation[order] <= k]
+        if len(idx) == 0:
+            raise UserError(f"--chain: generation {k + 1} (share {ratios[k]}) gets no image of {list_path}")
+        path = os.path.join(out_dir, chain_list_name(ratios[: k + 1], by, dataset))
+        _write_list(path, paths[idx], chain[idx])
+        files.append(path)
+        summary.append({"ratio": ratios[k], "images": int(len(idx)), "classes": int(len(np.unique(chain[idx]))),
+                        "list": path})
+    return {"by": by, "ratios": ratios, "files": files, "generations": summary}

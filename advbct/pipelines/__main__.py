@@ -1,8 +1,10 @@
-"""The pipelines' command line (scripts/demo.sh, scripts/reproduce_table.sh, scripts/reproduce_ablation.sh):
+"""The pipelines' command line (scripts/demo.sh, scripts/reproduce_table.sh, scripts/reproduce_ablation.sh,
+scripts/reproduce_generations.sh):
 
     python -m advbct.pipelines demo
     python -m advbct.pipelines table {data,class} {r18,r50} [--synthetic PRESET] [--old-epoch N]
     python -m advbct.pipelines ablation [{data,class} {r18,r50}] [--synthetic PRESET] [--old-epoch N]
+    python -m advbct.pipelines generations {data,class} [--methods M1,M2] [--chain BB:SHARE,...] [--synthetic PRESET]
 
 Run from the repository root. The demo reads PRESET (default small), DATA (default
 ./data/synthetic-<preset>), OUT (default ./output/demo) and NGPUS (default 1) from the environment; a
@@ -22,7 +24,7 @@ from advbct.pipelines.blocks import (ABLATION_USAGE, TABLE_USAGE, UsageError, ab
 from advbct.pipelines.demo import demo_steps
 from advbct.pipelines.steps import run_steps
 
-USAGE = "usage: python -m advbct.pipelines {demo,table,ablation} [ARGS]"
+USAGE = "usage: python -m advbct.pipelines {demo,table,ablation,generations} [ARGS]"
 DEMO_USAGE = "usage: bash scripts/demo.sh (settings from the environment: PRESET, DATA, OUT, NGPUS)"
 
 
@@ -66,7 +68,19 @@ def ablation(argv):
     _block(argv, ABLATION_USAGE, ablation_steps)
 
 
-COMMANDS = {"demo": demo, "table": table, "ablation": ablation}
+def generations(argv):
+    from advbct.pipelines.generations import generation_steps, parse_generations_args, resolve_chain
+
+    alloc, methods, chain, preset = parse_generations_args(argv)
+    _check_root()
+    resolved = resolve_chain(alloc, methods, chain, preset, (os.environ.get("DATA") or None) if preset else None)
+    start = time.monotonic()
+    run_steps(generation_steps(resolved))
+    print(f"chain {os.path.basename(resolved.out)} finished in {int(time.monotonic() - start)} s: "
+          f"{resolved.out}/generations.md")
+
+
+COMMANDS = {"demo": demo, "table": table, "ablation": ablation, "generations": generations}
 
 
 @guarded

@@ -1,5 +1,6 @@
 """Allocation rules (PAPER.md "Protocol"): seeds, small classes, label renumbering."""
 
+import os
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from advbct.data.splits import make_allocation, split_by_class, split_by_data
+from advbct.errors import UserError
 from helpers import REPO
 
 
@@ -93,3 +95,73 @@ def test_split_tool_summary_and_errors(tmp_path):
     proc = subprocess.run([sys.executable, tool, "--list", str(bad), "--by", "data"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(bad) in proc.stderr and "2" in proc.stderr
+
+
+def _write_list(path, labels):
+    path.write_text("".join(f"img/{i}.jpg {l}\n" for i, l in enumerate(labels)))
+
+
+@pytest.mark.parametrize("by", ["class", "data"])
+def test_a_chain_of_two_is_the_old_new_split_to_the_byte(tmp_path, by):
+    from advbct.data.splits import make_chain_allocation
+
+    _write_list(tmp_path / "list.txt", np.random.default_rng(0).integers(0, 40, size=500))
+    pair = make_allocation(str(tmp_path / "list.txt"), by, 0.3, out_dir=str(tmp_path / "pair"))
+    chain = make_chain_allocation(str(tmp_path / "list.txt"), by, [0.3, 1.0], out_dir=str(tmp_path / "chain"))
+    assert [open(p).read() for p in chain["files"]] == [open(pair["files"][k]).read() for k in ("old", "new")]
+    assert [os.path.basename(p) for p in chain["files"]] == [f"gldv2_train_chain_30_{by}.txt",
+                                                             f"gldv2_train_chain_30-100_{by}.txt"]
+
+
+def _read(path):
+    return [tuple(line.split()) for line in open(path)]
+
+
+def test_a_chain_of_three_by_class_nests_and_keeps_each_predecessors_labels(tmp_path):
+    from advbct.data.splits import make_chain_allocation
+
+    labels = np.random.default_rng(1).integers(0, 50, size=700)
+    _write_list(tmp_path / "list.txt", labels)
+    s = make_chain_allocation(str(tmp_path / "list.txt"), "class", [0.3, 0.6, 1.0])
+    gens = [dict(_read(p)) for p in s["files"]]  # {image: chain label}
+    np.random.seed(666)
+    order = np.arange(50)
+    np.random.shuffle(order)  # the release's class order: the first 15, then 30, then all 50 classes
+    first = {c: 0 if k < 15 else 1 if k < 30 else 2 for k, c in enumerate(order)}
+    # expected numbering: generation 1's classes 0..14 by original id, then generation 2's new ones 15..29, ...
+    expected = {c: n for n, c in enumerate(sorted(range(50), key=lambda c: (first[c], c)))}
+    for k, gen in enumerate(gens):
+        images = {f"img/{i}.jpg" for i, l in enumerate(labels) if first[int(l)] <= k}
+        assert set(gen) == images
+        assert all(int(gen[f"img/{i}.jpg"]) == expected[int(labels[i])] for i in range(700) if f"img/{i}.jpg" in gen)
+        n_k = len({int(v) for v in gen.values()})
+        assert {int(v) for v in gen.values()} == set(range(n_k)) and n_k == [15, 30, 50][k]
+    # each generation keeps its predecessor's images and labels: its old classes are exactly label < N_(k-1)
+    for prev, gen in zip(gens, gens[1:]):
+        assert all(gen[img] == lab for img, lab in prev.items())
+        assert {img for img, lab in gen.items() if int(lab) < len(set(prev.values()))} == set(prev)
+
+
+def test_a_chain_of_three_by_data_nests_the_release_shares(tmp_path):
+    from advbct.data.splits import make_chain_allocation
+
+    labels = np.random.default_rng(2).integers(0, 30, size=400)
+    _write_list(tmp_path / "list.txt", labels)
+    s = make_chain_allocation(str(tmp_path / "list.txt"), "data", [0.3, 0.6, 1.0])
+    gens = [set(_read(p)) for p in s["files"]]
+    for ratio, gen in zip((0.3, 0.6), gens):
+        assert {f"img/{i}.jpg" for i in _reference_by_data(list(labels), ratio)} == {img for img, _ in gen}
+    assert gens[0] <= gens[1] <= gens[2] and len(gens[2]) == 400
+
+
+@pytest.mark.parametrize("ratios, message", [
+    ([1.0], "a chain needs at least two generations"), ([0.6, 0.3], "expected increasing shares"),
+    ([0.3, 0.3], "expected increasing shares"), ([0.3, 1.5], "expected increasing shares"),
+    ([0.0, 1.0], "expected increasing shares")])
+def test_a_chain_that_is_no_chain_is_refused(tmp_path, ratios, message):
+    from advbct.data.splits import make_chain_allocation
+
+    _write_list(tmp_path / "list.txt", [0, 1, 2, 3])
+    with pytest.raises(UserError, match=message):
+        make_chain_allocation(str(tmp_path / "list.txt"), "class", ratios)
+    assert sorted(os.listdir(tmp_path)) == ["list.txt"]
