@@ -103,13 +103,31 @@ DEFAULTS = {
         "BACKFILL_RATIOS": ([0.0, 0.25, 0.5, 0.75, 1.0], "fractions of gallery images re-embedded by the new model"),
         "BACKFILL_UNIT": ("image", "what partial backfilling refreshes: image (seeded permutation of the "
                           "gallery images) | batch (whole gallery batches of BACKFILL_BATCH images drawn by "
-                          "Python's random.sample, as the release)"),
+                          "Python's random.sample, as the release) | most_changed (the images whose old and "
+                          "new embeddings lie farthest apart first)"),
+        "BACKFILL_UNITS": ([], "units whose curves are also computed side by side (results.json "
+                           "backfill_units), e.g. [image, batch, most_changed]; [] = none"),
         "BACKFILL_BATCH": (16, "images per refreshed gallery batch in BACKFILL_UNIT batch (the release: 16)"),
         "BACKFILL_SEED": (-1, "seed of the refreshed subset; -1 = the unit's default: 0 for image, 100 for "
                           "batch (the release's random.seed(100))"),
         "SAVE_DIR": ("./output/eval", "where results.json is written (several sets: SAVE_DIR/<set>/results.json)"),
         "OLD_FEATURES_CACHE": ("", "directory caching the old model's query/gallery features per test set, "
                                "keyed by the old checkpoint's content and the eval settings; '' = off"),
+        "OLD_TRANSFORM": ("", "transformation file (scripts/train_transformation.sh) mapping the old gallery into "
+                          "the new space for the cross test and backfilling; '' = none (needs OLD_MODEL.WEIGHTS)"),
+    },
+    # the old-to-new transformation of forward-compatible training (scripts/train_transformation.sh;
+    # advbct/engine/transformation.py); defaults: the FCT paper's (apple/ml-fct configs)
+    "TRANSFORM": {
+        "TYPE": ("fct", "fct (the FCT paper's network h, trained with an L2 loss) | procrustes (orthogonal "
+                 "map in closed form, no training)"),
+        "EPOCHS": (80, "fct: training epochs over the embedded DATA.TRAIN_LIST"),
+        "LR": (5e-4, "fct: Adam learning rate (peak of the warmup + cosine schedule)"),
+        "WEIGHT_DECAY": (2.0 ** -15, "fct: Adam weight decay (the paper's 2^-15)"),
+        "WARMUP_EPOCHS": (5, "fct: epochs of linear learning-rate warmup before the cosine decay"),
+        "BATCH_SIZE": (1024, "fct: feature pairs per training step"),
+        "WIDTH": (2048, "fct: width of the network's mixer layers (the paper's inner_dim)"),
+        "DEPTH": (2, "fct: hidden Linear-BN-ReLU layers of that width in the mixer"),
     },
     "GENERATIONS": {  # scripts/test_generations.sh: the compatibility matrix of a chain of models
         "WEIGHTS": ([], "checkpoints of a chain of model generations, oldest first, e.g. [gen1.pth,gen2.pth,gen3.pth]"),

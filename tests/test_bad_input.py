@@ -73,6 +73,10 @@ CASES = [
     Case("meta-no-output", "extract_meta", ("OLD_MODEL.WEIGHTS", "{ckpt}", "META.TRAIN_LIST", "{w}/train.txt"),
          "COMP_LOSS.META_PATH is empty"),
     Case("meta-wrong-type", "extract_meta", ("EVAL.BATCH_SIZE", "[1]"), "'EVAL.BATCH_SIZE' expects an integer"),
+    # tools/train_transformation.py (scripts/train_transformation.sh)
+    Case("transform-garbage-old-model", "train_transformation", ("OLD_MODEL.WEIGHTS", "{w}/garbage.pth",
+                                                                 "DATA.TRAIN_LIST", "{w}/train.txt", "DATA.ROOT",
+                                                                 "{w}", "OUTPUT", "{w}/fresh"), "{w}/garbage.pth"),
     # tools/test.py (scripts/test.sh, scripts/test_old.sh)
     Case("test-missing-new-model", "test", ("NEW_MODEL.WEIGHTS", "{w}/none.pth", "EVAL.ROOT", "{w}/rev",
                                             "EVAL.SAVE_DIR", "{w}/fresh"), "{w}/none.pth"),
@@ -85,6 +89,15 @@ CASES = [
     Case("test-garbage-old-model", "test", ("NEW_MODEL.WEIGHTS", "{ckpt}", "OLD_MODEL.WEIGHTS", "{w}/garbage.pth",
                                             "EVAL.ROOT", "{w}/rev", "EVAL.SAVE_DIR", "{w}/fresh"),
          "{w}/garbage.pth"),
+    # tools/test_generations.py (scripts/test_generations.sh)
+    Case("generations-one-model", "test_generations", ("GENERATIONS.WEIGHTS", "[{ckpt}]", "EVAL.ROOT", "{w}/rev",
+                                                       "EVAL.SAVE_DIR", "{w}/fresh"),
+         "GENERATIONS.WEIGHTS: a chain needs at least two checkpoints"),
+    Case("generations-garbage-model", "test_generations", ("GENERATIONS.WEIGHTS", "[{ckpt},{w}/garbage.pth]",
+                                                           "EVAL.ROOT", "{w}/rev", "EVAL.SAVE_DIR", "{w}/fresh"),
+         "{w}/garbage.pth"),
+    Case("collect-generations-missing", "collect_generations", ("--method", "AdvBCT={w}/nomatrix", "--out",
+                                                                "{w}/fresh/g.json"), "{w}/nomatrix/matrix.json"),
     # the other tools
     Case("synthetic-bad-preset", "make_synthetic", ("--out", "{w}/fresh", "--preset", "huge"), "--preset"),
     Case("synthetic-bad-size", "make_synthetic", ("--out", "{w}/fresh", "--image-size", "big"), "--image-size 'big'"),
@@ -98,6 +111,8 @@ CASES = [
     Case("split-bad-ratio", "split_dataset", ("--list", "{w}/train.txt", "--by", "class", "--ratio", "1.5",
                                               "--out-dir", "{w}/fresh"), "ratio"),
     Case("split-bad-by", "split_dataset", ("--list", "{w}/train.txt", "--by", "colour"), "--by"),
+    Case("split-chain-of-one", "split_dataset", ("--list", "{w}/train.txt", "--by", "class", "--chain", "1.0",
+                                                 "--out-dir", "{w}/fresh"), "a chain needs at least two generations"),
     Case("table-missing-json", "make_table", ("--from-json", "{w}/none.json"), "{w}/none.json"),
     Case("table-garbage-json", "make_table", ("--from-json", "{w}/garbage.json"), "{w}/garbage.json"),
     Case("table-wrong-schema", "make_table", ("--from-json", "{w}/list.json"), "{w}/list.json"),
@@ -127,6 +142,10 @@ CASES = [
     Case("pipeline-table-backbone", "pipelines", ("table", "class", "r34"), "r34"),
     Case("pipeline-table-old-epoch", "pipelines", ("table", "class", "r18", "--old-epoch"), "--old-epoch needs an epoch"),
     Case("pipeline-ablation-preset", "pipelines", ("ablation", "class", "r18", "--synthetic", "huge"), "huge"),
+    Case("pipeline-generations-chain-of-one", "pipelines", ("generations", "class", "--chain", "r18:1.0"),
+         "--chain r18:1.0: a chain needs at least two generations"),
+    Case("pipeline-generations-unknown-method", "pipelines", ("generations", "class", "--methods", "bct,magic"),
+         "COMP_LOSS.TYPE 'magic'"),
     Case("pipeline-table-garbage-data", "pipelines", ("table", "class", "r18", "--synthetic", "tiny"),
          "{w}/badsynthetic/SYNTHETIC.json", env=(("DATA", "{w}/badsynthetic"),)),
 ]
@@ -135,11 +154,17 @@ SCRIPT_CASES = [  # bash entry points: (id, argv, needle in the one stderr line)
     ("train_old-no-config", ["scripts/train_old.sh"], "usage: bash scripts/train_old.sh"),
     ("train_new-no-config", ["scripts/train_new.sh"], "usage: bash scripts/train_new.sh"),
     ("extract_meta-no-config", ["scripts/extract_meta.sh"], "usage: bash scripts/extract_meta.sh"),
+    ("train_transformation-no-config", ["scripts/train_transformation.sh"],
+     "usage: bash scripts/train_transformation.sh"),
     ("test-two-arguments", ["scripts/test.sh", "landmark", "roxford5k"], "usage: bash scripts/test.sh"),
     ("test_old-no-arguments", ["scripts/test_old.sh"], "usage: bash scripts/test_old.sh"),
     ("reproduce_table-one-argument", ["scripts/reproduce_table.sh", "class"], "usage: bash scripts/reproduce_table.sh"),
     ("reproduce_ablation-bad-block", ["scripts/reproduce_ablation.sh", "class", "r34"], "r34"),
     ("demo-argument", ["scripts/demo.sh", "now"], "usage: bash scripts/demo.sh"),
+    ("test_generations-two-arguments", ["scripts/test_generations.sh", "landmark", "roxford5k"],
+     "usage: bash scripts/test_generations.sh"),
+    ("reproduce_generations-no-argument", ["scripts/reproduce_generations.sh"],
+     "usage: bash scripts/reproduce_generations.sh"),
 ]
 
 
@@ -262,8 +287,8 @@ def test_the_battery_covers_every_entry_point():
     covered = {os.path.basename(c[1][0])[:-3] for c in SCRIPT_CASES}
     assert scripts <= covered, scripts - covered
     commands = {c.argv[0] for c in CASES if c.entry == "pipelines" and c.argv}
-    assert commands == {"demo", "table", "ablation"}
+    assert commands == {"demo", "table", "ablation", "generations"}
     assert len(CASES) + len(SCRIPT_CASES) == BATTERY_SIZE
 
 
-BATTERY_SIZE = 64  # docs/USAGE.md states it
+BATTERY_SIZE = 74  # docs/USAGE.md states it

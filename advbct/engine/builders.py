@@ -4,6 +4,7 @@ from advbct.data.decoding import image_input
 from advbct.data.image_list import ImageListDataset, read_image_list
 from advbct.errors import UserError
 from advbct.losses import build_compat_loss, needs_meta
+from advbct.losses.build import needs_transformation
 from advbct.meta import load_meta
 from advbct.models import build_model, checkpoint_shapes, load_model_weights, load_trained_model
 
@@ -36,7 +37,7 @@ def build_compatibility(cfg, num_classes, device):
     Everything a method needs is checked here, before the first training step.
     """
     kind = cfg.COMP_LOSS.TYPE
-    if not kind:
+    if not kind or needs_transformation(cfg.COMP_LOSS):  # FCT: the new model trains alone, as phi*
         return None, None
     if not cfg.OLD_MODEL.WEIGHTS:
         raise UserError(f"COMP_LOSS.TYPE {kind} needs the old model: set OLD_MODEL.WEIGHTS")
@@ -66,6 +67,7 @@ def build_compatibility(cfg, num_classes, device):
     old_weight = old_model.classifier.weight.detach() if old_model.classifier is not None else None
     loss = build_compat_loss(cfg.COMP_LOSS, embed_dim=cfg.MODEL.EMB_DIM, num_old_classes=num_old,
                              total_epochs=cfg.TRAIN.EPOCHS, meta=meta,
-                             old_classifier_weight=old_weight)
+                             old_classifier_weight=old_weight, classifier=cfg.LOSS.TYPE,
+                             scale=cfg.LOSS.SCALE, margin=cfg.LOSS.MARGIN)
     return old_model, loss.to(device)
 

@@ -45,11 +45,12 @@ RESUMABLE_PARTS = ("model", "optimizer", "scheduler", "rng", "epoch", "config") 
 # The config keys a resumed run may set otherwise than the checkpoint it continues (``.*``: a whole
 # section): how long to train (TRAIN.EPOCHS; the LR milestones stay as saved), how often to log, save and
 # evaluate, the evaluation itself, where to write, where the images are read from (DATA.ROOT: a copy on the
-# compute node; the list stays the same), and how to compute (precision, memory layout, decoding, loader
-# workers). Every other key changes the training itself: a resume that sets one otherwise is refused.
+# compute node; the list stays the same), how to compute (precision, memory layout, decoding, loader
+# workers), and the sections the training never reads (TRANSFORM: fitted after it; GENERATIONS: the chain's
+# evaluation). Every other key changes the training itself: a resume that sets one otherwise is refused.
 RESUME_MAY_CHANGE = ("OUTPUT", "TRAIN.RESUME", "TRAIN.OVERWRITE", "TRAIN.EPOCHS", "TRAIN.PRINT_FREQ",
                      "TRAIN.SAVE_FREQ", "TRAIN.EVAL_FREQ", "TRAIN.AMP", "TRAIN.CHANNELS_LAST", "DATA.ROOT",
-                     "DATA.DECODE", "DATA.NUM_WORKERS", "EVAL.*", "NEW_MODEL.*")
+                     "DATA.DECODE", "DATA.NUM_WORKERS", "EVAL.*", "NEW_MODEL.*", "TRANSFORM.*", "GENERATIONS.*")
 
 
 def seed_everything(seed):

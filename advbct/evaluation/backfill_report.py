@@ -1,11 +1,17 @@
-"""Partial-backfilling curves of several models: one JSON, and one PNG when matplotlib is installed."""
+"""Partial-backfilling curves of several models: one JSON, and one PNG when matplotlib is installed; with
+results that hold several refresh units (EVAL.BACKFILL_UNITS), also the units side by side."""
 
 import glob
 import os
 
 from advbct.errors import UserError
+from advbct.evaluation.backfill import area_under_curve
 from advbct.evaluation.collect import read_results
 from advbct.io import atomic_path, write_json_atomic
+
+# line style of each refresh unit in the units plot; a unit not listed here gets dash-dot
+UNIT_STYLES = {"image": "-", "batch": "--", "most_changed": ":"}
+XLABEL = "gallery refreshed by the new model (%)"
 
 
 def model_labels():
@@ -16,13 +22,18 @@ def model_labels():
     return {"independent": "phi*", **plot_labels()}
 
 
+def _results(eval_dir):
+    """``(model, result)`` of every ``<eval_dir>/<model>/<dataset>/results.json``, in path order."""
+    for path in sorted(glob.glob(os.path.join(eval_dir, "*", "*", "results.json"))):
+        yield os.path.basename(os.path.dirname(os.path.dirname(path))), read_results(path)
+
+
 def gather_curves(eval_dir):
     """``{dataset: {model: curve}}`` from ``<eval_dir>/<model>/<dataset>/results.json``; a curve holds
-    "ratios", "values", "metric" and (since the unit is recorded) "unit", "seed" and, for batch, "batch"."""
+    "ratios", "values", "metric" and (since the unit is recorded) "unit", "seed" and, for batch, "batch"
+    (and, since they are recorded, "auc" and "negative_flip")."""
     curves = {}
-    for path in sorted(glob.glob(os.path.join(eval_dir, "*", "*", "results.json"))):
-        model = os.path.basename(os.path.dirname(os.path.dirname(path)))
-        result = read_results(path)
+    for model, result in _results(eval_dir):
         if "backfill" in result:
             curves.setdefault(result["dataset"], {})[model] = result["backfill"]
     if not curves:
@@ -31,11 +42,25 @@ def gather_curves(eval_dir):
     return curves
 
 
+def gather_unit_curves(eval_dir):
+    """``{dataset: {model: {unit: curve}}}`` of the results.json files holding "backfill_units" (EVAL.BACKFILL_UNITS),
+    each curve with its "auc" (computed here for a curve written without one); ``{}`` when none holds them."""
+    curves = {}
+    for model, result in _results(eval_dir):
+        for unit, curve in (result.get("backfill_units") or {}).items():
+            if "auc" not in curve and curve.get("values"):
+                curve = dict(curve, auc=area_under_curve(curve["ratios"], curve["values"]))
+            curves.setdefault(result["dataset"], {}).setdefault(model, {})[unit] = curve
+    return curves
+
+
 def refresh_mode(curve):
     """How a curve's refreshed rows were chosen, e.g. "batches of 16, seed 100"; None for a results.json
     written before the unit was recorded (those are image curves of an unrecorded seed)."""
     if "unit" not in curve:
         return None
+    if curve["unit"] == "most_changed":
+        return "most changed images first"
     what = f"batches of {curve['batch']}" if curve["unit"] == "batch" else "images"
     return f"{what}, seed {curve['seed']}"
 
@@ -44,25 +69,36 @@ def _axis_and_labels(models):
     """The x-axis label and one legend label per model: a mode shared by every curve goes on the axis,
     differing modes go into the legend so that curves of different units are never taken as alike."""
     modes = {model: refresh_mode(c) for model, c in models.items()}
-    xlabel = "gallery refreshed by the new model (%)"
     known = model_labels()
     labels = {model: known.get(model, model) for model in models}
     if len(set(modes.values())) == 1:
         shared = next(iter(modes.values()))
-        return (xlabel + (f"\n({shared})" if shared else "")), labels
-    return xlabel, {m: f"{labels[m]} ({modes[m] or 'unit not recorded'})" for m in models}
+        return (XLABEL + (f"\n({shared})" if shared else "")), labels
+    return XLABEL, {m: f"{labels[m]} ({modes[m] or 'unit not recorded'})" for m in models}
 
 
-def write_backfill_report(eval_dir, out_prefix):
-    """Write ``<out_prefix>.json`` always and ``<out_prefix>.png`` if matplotlib is available."""
-    curves = gather_curves(eval_dir)
-    write_json_atomic(out_prefix + ".json", curves)
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return out_prefix + ".json", None
+        return None
+    return plt
+
+
+def _save(plt, fig, path, **kw):
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, **kw)  # format named: the temporary file has no .png suffix
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_models(plt, curves, path):
+    """One panel per test set, one line per model (the curve of EVAL.BACKFILL_UNIT)."""
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (dataset, models) in zip(axes[0], sorted(curves.items())):
         xlabel, labels = _axis_and_labels(models)
@@ -74,9 +110,66 @@ def write_backfill_report(eval_dir, out_prefix):
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_path(out_prefix + ".png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)  # format named: the temporary file has no .png suffix
-    finally:
-        plt.close(fig)
-    return out_prefix + ".json", out_prefix + ".png"
+    return _save(plt, fig, path)
+
+
+def unit_legend_labels(curves):
+    """``{unit: label}`` for the line-style legend: the unit and how its rows were chosen when every curve
+    of that unit agrees (e.g. "batch: batches of 16, seed 100"), else the unit alone."""
+    modes = {}
+    for models in curves.values():
+        for units in models.values():
+            for unit, curve in units.items():
+                modes.setdefault(unit, set()).add(refresh_mode(dict(curve, unit=curve.get("unit", unit))))
+    return {unit: f"{unit}: {next(iter(m))}" if len(m) == 1 else f"{unit} (settings differ between models)"
+            for unit, m in modes.items()}
+
+
+def _plot_units(plt, curves, path):
+    """One panel per test set; colour per model, line style per unit; two legends say which is which."""
+    from matplotlib.lines import Line2D
+
+    models = sorted({m for per_set in curves.values() for m in per_set})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    units = unit_legend_labels(curves)
+    known = model_labels()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, (dataset, per_model) in zip(axes[0], sorted(curves.items())):
+        metric = None
+        for model, per_unit in sorted(per_model.items()):
+            for unit, c in per_unit.items():
+                ax.plot([100 * r for r in c["ratios"]], c["values"], color=colours[model],
+                        linestyle=UNIT_STYLES.get(unit, "-."), marker="o", markersize=3)
+                metric = metric or c.get("metric")
+        ax.set_title(dataset)
+        ax.set_xlabel(XLABEL)
+        ax.set_ylabel(metric or "")
+        ax.grid(alpha=0.3)
+    model_handles = [Line2D([], [], color=colours[m], label=known.get(m, m)) for m in models]
+    unit_handles = [Line2D([], [], color="black", linestyle=UNIT_STYLES.get(u, "-."), label=label)
+                    for u, label in units.items()]
+    fig.tight_layout()
+    fig.legend(handles=model_handles, title="model (colour)", loc="upper left", bbox_to_anchor=(1.0, 1.0),
+               fontsize=8)
+    fig.legend(handles=unit_handles, title="refresh order (line style)", loc="lower left",
+               bbox_to_anchor=(1.0, 0.0), fontsize=8)
+    return _save(plt, fig, path, bbox_inches="tight")  # the legends lie right of the panels
+
+
+def write_backfill_report(eval_dir, out_prefix):
+    """Write ``<out_prefix>.json`` always and ``<out_prefix>.png`` if matplotlib is available; when a
+    results.json holds curves of several units, also ``<out_prefix>_units.json`` (``{dataset: {model:
+    {unit: curve}}}``, each curve with its auc) and ``<out_prefix>_units.png``. Returns the paths written."""
+    curves = gather_curves(eval_dir)
+    unit_curves = gather_unit_curves(eval_dir)
+    write_json_atomic(out_prefix + ".json", curves)
+    written = [out_prefix + ".json"]
+    if unit_curves:
+        write_json_atomic(out_prefix + "_units.json", unit_curves)
+        written.append(out_prefix + "_units.json")
+    plt = _pyplot()
+    if plt is not None:
+        written.append(_plot_models(plt, curves, out_prefix + ".png"))
+        if unit_curves:
+            written.append(_plot_units(plt, unit_curves, out_prefix + "_units.png"))
+    return written

@@ -15,7 +15,9 @@ from advbct.errors import UserError, one_line
 from advbct.evaluation import backfill, feature_cache, test_sets
 from advbct.evaluation.protocol import evaluate_models, load_test_set
 from advbct.io import write_json_atomic
-from advbct.models import check_same_embedding, load_trained_model
+from advbct.losses.build import needs_transformation
+from advbct.models import check_same_embedding, load_checkpoint, load_trained_model
+from advbct.models.transformation import load_transformation
 
 
 def format_result(result):
@@ -158,14 +160,35 @@ def write_results(save_dir, cfg, result):
     return path
 
 
+def check_needs_transformation(cfg):
+    """Refuse the cross test of a new model whose training method maps old embeddings afterwards (FCT: its
+    checkpoint's saved COMP_LOSS.TYPE, read through the method registry) when EVAL.OLD_TRANSFORM is empty."""
+    if cfg.EVAL.OLD_TRANSFORM or not cfg.OLD_MODEL.WEIGHTS or not os.path.isfile(cfg.NEW_MODEL.WEIGHTS):
+        return  # (a missing checkpoint is named by load_trained_model)
+    saved = load_checkpoint(cfg.NEW_MODEL.WEIGHTS).get("config")  # memory-mapped: the weights are not copied
+    comp = saved.get("COMP_LOSS") if isinstance(saved, dict) else None
+    try:  # another release's config (the original's yacs one) may hold other keys and types: not a method here
+        needs = isinstance(comp, dict) and needs_transformation(comp)
+    except (TypeError, ValueError, UserError):
+        needs = False
+    if needs:
+        raise UserError(f"NEW_MODEL.WEIGHTS {cfg.NEW_MODEL.WEIGHTS} was trained with COMP_LOSS.TYPE "
+                        f"{comp['TYPE']}, whose cross test maps the old gallery: set EVAL.OLD_TRANSFORM "
+                        f"(written by scripts/train_transformation.sh)")
+
+
 def run_evaluation(cfg):
-    """Everything is checked (datasets, checkpoints, embedding sizes) before the first image is embedded.
+    """Everything is checked (datasets, checkpoints, embedding sizes, the transformation) before the first
+    image is embedded.
 
     Returns the result dict of each test set of EVAL.DATASET, in order.
     """
     if cfg.EVAL.DATASET_TYPE != "landmark":
         raise UserError(f"EVAL.DATASET_TYPE: only 'landmark' is implemented, got '{cfg.EVAL.DATASET_TYPE}'")
     backfill.check_config(cfg)  # a bad EVAL.BACKFILL_* key fails here, not after the extraction
+    if cfg.EVAL.OLD_TRANSFORM and not cfg.OLD_MODEL.WEIGHTS:
+        raise UserError(f"EVAL.OLD_TRANSFORM {cfg.EVAL.OLD_TRANSFORM} is set but OLD_MODEL.WEIGHTS is empty: "
+                        f"the transformation maps the old model's gallery")
     _, _, device = dist.init_distributed()  # first: rank 0 alone checks the test sets' images
     lock = None
     try:
@@ -176,17 +199,22 @@ def run_evaluation(cfg):
         with_old = bool(cfg.OLD_MODEL.WEIGHTS)
         if with_old and cfg.EVAL.OLD_FEATURES_CACHE:
             feature_cache.check_directory(cfg.EVAL.OLD_FEATURES_CACHE)
+        transform = load_transformation(cfg.EVAL.OLD_TRANSFORM, device=device) if cfg.EVAL.OLD_TRANSFORM else None
+        check_needs_transformation(cfg)
         new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device)
         old = (load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
                if with_old else None)
-        if with_old:  # each checkpoint is read once, by load_trained_model
+        if with_old and transform is None:  # each checkpoint is read once, by load_trained_model
             check_same_embedding(new, old, cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
+        # (with a transformation, evaluate_models checks its dims against the models before embedding)
         models = {"new_model": {"arch": cfg.NEW_MODEL.ARCH, "weights": cfg.NEW_MODEL.WEIGHTS}}
         if with_old:
             models["old_model"] = {"arch": cfg.OLD_MODEL.ARCH, "weights": cfg.OLD_MODEL.WEIGHTS}
+        if transform is not None:
+            models["old_transform"] = {"path": cfg.EVAL.OLD_TRANSFORM, "kind": transform.kind}
         results = []
         for job_cfg, test_set in jobs:
-            result = evaluate_models(new, old, job_cfg, test_set=test_set)
+            result = evaluate_models(new, old, job_cfg, test_set=test_set, old_transform=transform)
             result.update(models)
             path = dist.run_on_main(write_results, job_cfg.EVAL.SAVE_DIR, job_cfg, result)
             if dist.is_main_process():

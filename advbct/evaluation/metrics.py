@@ -231,3 +231,66 @@ def gldv2_map_at_k(ranks, ground_truth, k=100):
     precision = np.cumsum(rel, axis=1) / np.arange(1, top.shape[1] + 1)  # P_q(i)
     ap = (precision * rel).sum(axis=1)[valid] / np.minimum(m[valid], int(k))
     return float(100.0 * ap.mean())
+
+
+# ------------------------------------------------------------------------- top-1 and negative flips
+
+
+def _pair_keys(rows, cols, width):
+    """(query, gallery) pairs as one sortable integer each, for vectorised membership tests."""
+    return np.asarray(rows, np.int64) * width + np.asarray(cols, np.int64)
+
+
+def revisited_top1_positive(ranks, gnd, n_gallery):
+    """Per query, whether its top-1 is a positive of the revisited Medium protocol (easy + hard), junk
+    images skipped (the top-1 is the first non-junk image of the ranking); and which queries count: those
+    with at least one Medium positive, as in the Medium mAP. Returns two boolean arrays (n_query,).
+
+    ``ranks`` (n_query, k): gallery indices best first; k must exceed the longest junk list (or be the full
+    ranking), so that every row holds a non-junk image.
+    """
+    ranks = _check_ranks(ranks)
+    if len(gnd) != ranks.shape[0]:
+        raise UserError(f"ground truth has {len(gnd)} queries but the ranking has {ranks.shape[0]} rows")
+    n_query = ranks.shape[0]
+    (q_pos, g_pos), (q_junk, g_junk) = protocol_pairs(gnd, n_gallery)["medium"]
+    query_col = np.arange(n_query, dtype=np.int64)[:, None]
+    junk = np.isin(_pair_keys(query_col, ranks, n_gallery), _pair_keys(q_junk, g_junk, n_gallery))
+    clean = ~junk
+    if not clean.any(axis=1).all() and ranks.shape[1] < n_gallery:
+        raise ValueError("revisited_top1_positive: a row of ranks holds only junk images; search deeper "
+                         "(k larger than the longest junk list)")
+    first = np.argmax(clean, axis=1)  # first non-junk column of each row
+    top1 = ranks[np.arange(n_query), first]
+    hit = np.isin(_pair_keys(np.arange(n_query), top1, n_gallery), _pair_keys(q_pos, g_pos, n_gallery))
+    hit &= clean.any(axis=1)
+    counted = np.bincount(q_pos, minlength=n_query) > 0
+    return hit, counted
+
+
+def gldv2_top1_positive(ranks, ground_truth):
+    """Per query, whether its top-1 gallery image is one of its relevant index images; and which queries
+    count: those with ground truth, as in mAP@100. Returns two boolean arrays (n_query,)."""
+    ranks = _check_ranks(ranks)
+    if len(ground_truth) != ranks.shape[0]:
+        raise UserError(
+            f"GLDv2 ground truth has {len(ground_truth)} queries but the ranking has {ranks.shape[0]} rows"
+        )
+    n_query = ranks.shape[0]
+    gt = [np.asarray(g, dtype=np.int64).reshape(-1) for g in ground_truth]
+    rows = np.repeat(np.arange(n_query, dtype=np.int64), [g.size for g in gt])
+    cols = np.concatenate([np.zeros(0, np.int64)] + gt)
+    top1 = ranks[:, 0]
+    width = int(max(top1.max(initial=0), cols.max(initial=0))) + 1
+    hit = np.isin(_pair_keys(np.arange(n_query), top1, width), _pair_keys(rows, cols, width)) & (top1 >= 0)
+    counted = np.bincount(rows, minlength=n_query) > 0
+    return hit, counted
+
+
+def negative_flip_rate(old_hit, new_hit, counted):
+    """Percent of the counted queries whose top-1 was a positive for the old model and is not for the new
+    one (a retrieval negative flip); NaN when no query counts."""
+    old_hit, new_hit, counted = (np.asarray(a, dtype=bool) for a in (old_hit, new_hit, counted))
+    if not counted.any():
+        return float("nan")
+    return float(100.0 * (old_hit & ~new_hit)[counted].mean())

@@ -5,6 +5,8 @@ gallery by the old one (PAPER.md "Protocol"). Metrics: revisited Easy/Medium/Har
 ROxford5k/RParis6k, mAP@100 for GLDv2.
 """
 
+import copy
+
 import numpy as np
 import torch
 
@@ -16,8 +18,10 @@ from advbct.errors import UserError, one_line
 from advbct.evaluation import backfill, feature_cache, test_sets
 from advbct.evaluation.backfill import backfill_gallery  # also importable from here, as before
 from advbct.evaluation.features import extract_features
+from advbct.evaluation.metrics import negative_flip_rate
 from advbct.evaluation.test_sets import TestSet  # noqa: F401  (also importable from here, as before)
 from advbct.evaluation.test_sets import headline_value  # Medium mAP (revisited) or mAP@100 (GLDv2)
+from advbct.models.transformation import map_features
 
 
 def _read_test_set(name, root, gldv2_split, check_images):
@@ -78,16 +82,75 @@ def score(test_set, query, gallery):
     return test_set.kind.score(query, gallery, test_set.ground_truth)
 
 
-def backfill_curve(test_set, new_query, new_gallery, old_gallery, ratios, seed=-1, unit="image", batch=16):
-    """Headline metric per refresh ratio (queries always by the new model), with the unit, batch and seed
-    that chose the refreshed rows (see advbct/evaluation/backfill.py)."""
+def top1_hits(test_set, query, gallery):
+    """``(hit, counted)`` of one query/gallery pair by the test set's metric (``Metric.top1``); None when the
+    metric declares no top-1 rule."""
+    top1 = test_set.kind.metric.top1
+    if top1 is None:
+        return None
+    query, gallery = _numpy(query), _numpy(gallery)
+    check_features(test_set, query, gallery)
+    return top1(query, gallery, test_set.ground_truth)
+
+
+def _flip_rate(test_set, reference, query, gallery):
+    """Negative-flip rate (percent) of ``query`` vs ``gallery`` against the old/old ``reference`` hits."""
+    old_hit, counted = reference
+    new_hit, _ = top1_hits(test_set, query, gallery)
+    return negative_flip_rate(old_hit, new_hit, counted)
+
+
+def _curve(test_set, new_query, new_gallery, old_gallery, ratios, seed, unit, batch, reference):
+    """One backfilling curve; ``reference``: the old/old ``(hit, counted)`` or None (no negative flips)."""
     backfill.check_settings(unit, batch, seed, ratios)
     kind = test_set.kind
-    values = [kind.headline(score(test_set, new_query,
-                                  backfill_gallery(new_gallery, old_gallery, r, seed, unit, batch)))
-              for r in ratios]
-    return {"ratios": [float(r) for r in ratios], "values": values, "metric": kind.metric.name,
-            **backfill.describe(unit, batch, seed)}
+    values, flips = [], []
+    for r in ratios:  # one mixed gallery per ratio, searched for the metric and, with a reference, the top-1
+        mixed = backfill_gallery(new_gallery, old_gallery, r, seed, unit, batch)
+        values.append(kind.headline(score(test_set, new_query, mixed)))
+        if reference is not None:
+            flips.append(_flip_rate(test_set, reference, new_query, mixed))
+    curve = {"ratios": [float(r) for r in ratios], "values": values, "metric": kind.metric.name,
+             **backfill.describe(unit, batch, seed)}
+    if len(values):
+        curve["auc"] = backfill.area_under_curve(curve["ratios"], values)
+    if reference is not None:
+        curve["negative_flip"] = flips
+    return curve
+
+
+def backfill_curve(test_set, new_query, new_gallery, old_gallery, ratios, seed=-1, unit="image", batch=16,
+                   old_self=None):
+    """Headline metric per refresh ratio (queries always by the new model), with the unit, batch and seed
+    that chose the refreshed rows (see advbct/evaluation/backfill.py) and ``auc``, the area under the curve
+    over the ratio span (:func:`advbct.evaluation.backfill.area_under_curve`, in the metric's units).
+
+    ``old_gallery`` is the gallery the new rows are mixed into (the cross test's). With ``old_self``, the old
+    model's ``(query, gallery)`` features, the curve also holds ``negative_flip``: per ratio, the percent of
+    queries whose old/old top-1 is a positive and whose top-1 in the mixed gallery is not (the set's metric
+    decides positives and counted queries, ``Metric.top1``)."""
+    backfill.check_settings(unit, batch, seed, ratios)
+    reference = None if old_self is None else top1_hits(test_set, *old_self)
+    return _curve(test_set, new_query, new_gallery, old_gallery, ratios, seed, unit, batch, reference)
+
+
+def _backfill_results(test_set, e, new_q, new_g, old_q, old_g, cross_g):
+    """The result entries of EVAL.BACKFILL: ``backfill`` (the curve of EVAL.BACKFILL_UNIT), ``backfill_units``
+    (``{unit: curve}`` of EVAL.BACKFILL_UNITS, when it names any) and ``negative_flip`` (``{"cross_test": x,
+    "self_test": y}``: percent of queries whose old/old top-1 positive is lost by new/old and by new/new)."""
+    reference = top1_hits(test_set, old_q, old_g)  # old/old, shared by every curve
+    curves = {}
+    for unit in (e.BACKFILL_UNIT, *e.BACKFILL_UNITS):
+        if unit not in curves:
+            curves[unit] = _curve(test_set, new_q, new_g, cross_g, e.BACKFILL_RATIOS, e.BACKFILL_SEED, unit,
+                                  e.BACKFILL_BATCH, reference)
+    out = {"backfill": curves[e.BACKFILL_UNIT]}
+    if e.BACKFILL_UNITS:
+        out["backfill_units"] = {unit: copy.deepcopy(curves[unit]) for unit in e.BACKFILL_UNITS}
+    if reference is not None:
+        out["negative_flip"] = {"cross_test": _flip_rate(test_set, reference, new_q, cross_g),
+                                "self_test": _flip_rate(test_set, reference, new_q, new_g)}
+    return out
 
 
 def _numpy(x):
@@ -155,21 +218,30 @@ def score_models(test_set, cfg, new_q, new_g, old_q=None, old_g=None, cross_g=No
         result["cross_test"] = score(test_set, new_q, cross_g)
         result["old_self_test"] = score(test_set, old_q, old_g)
         if cfg.EVAL.BACKFILL:
-            e = cfg.EVAL
-            result["backfill"] = backfill_curve(test_set, new_q, new_g, cross_g, e.BACKFILL_RATIOS,
-                                                e.BACKFILL_SEED, e.BACKFILL_UNIT, e.BACKFILL_BATCH)
+            backfill.check_units(cfg.EVAL.BACKFILL_UNITS)
+            result.update(_backfill_results(test_set, cfg.EVAL, new_q, new_g, old_q, old_g, cross_g))
     return result
 
 
-def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
+def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None, old_transform=None):
     """Self-test of ``new_model`` and, with ``old_model``, cross-test, old self-test and backfilling.
 
     Every rank embeds its shard; rank 0 alone holds the features and searches; every rank returns its
     result (a rank 0 error is raised on every rank). The EVAL.BACKFILL_* keys are checked first.
+    ``old_transform`` (advbct/models/transformation.py, EVAL.OLD_TRANSFORM) maps the old gallery into the new
+    space for the cross test and backfilling (FCT); the old self-test and any feature cache keep the old
+    model's own features.
     """
     backfill.check_config(cfg)
     test_set = test_set or load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
-    if old_model is not None and old_model.embed_dim != new_model.embed_dim:
+    if old_transform is not None:  # it takes the old model's embeddings to the new model's size
+        if old_model is None:
+            raise UserError("EVAL.OLD_TRANSFORM is set but there is no old model (OLD_MODEL.WEIGHTS) to map")
+        dims, want = (old_transform.in_dim, old_transform.out_dim), (old_model.embed_dim, new_model.embed_dim)
+        if dims != want:
+            raise UserError(f"EVAL.OLD_TRANSFORM {cfg.EVAL.OLD_TRANSFORM} maps {dims[0]} -> {dims[1]} dims but the "
+                            f"old model embeds to {want[0]} and the new model to {want[1]}")
+    elif old_model is not None and old_model.embed_dim != new_model.embed_dim:
         raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "
                         f"{new_model.embed_dim}: cross-test needs the same embedding size")
     new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
@@ -177,7 +249,14 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None):
     old_q = old_g = None
     if old_model is not None:
         old_q, old_g = embed_old_test_set(old_model, test_set, cfg, progress)
-    return dist.run_on_main(score_models, test_set, cfg, new_q, new_g, old_q, old_g)
+
+    def map_and_score():  # rank 0, the one holding the features
+        cross_g = None
+        if old_transform is not None:
+            cross_g = map_features(old_transform, old_g, device=next(new_model.parameters()).device)
+        return score_models(test_set, cfg, new_q, new_g, old_q, old_g, cross_g=cross_g)
+
+    return dist.run_on_main(map_and_score)
 
 
 def headline(result):

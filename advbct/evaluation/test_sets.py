@@ -51,11 +51,16 @@ class TestSet:
 @dataclass(frozen=True)
 class Metric:
     """How a test set is scored: ``compute(query, gallery, ground_truth)`` -> metrics dict in percent, and
-    where its headline number (the one the paper's table prints) lies in that dict."""
+    where its headline number (the one the paper's table prints) lies in that dict.
+
+    ``top1(query, gallery, ground_truth)`` -> ``(hit, counted)``, boolean arrays (n_query,): whether each
+    query's top-1 is a positive under this metric's own rules, and which queries the metric counts; the
+    negative-flip rates of backfilling read it. None: the set records no negative flips."""
 
     name: str            # the headline's name, e.g. the "metric" of a backfilling curve
     headline_key: tuple  # path of the headline number in the metrics dict
     compute: Callable
+    top1: Callable = None
 
     def headline(self, metrics):
         value = metrics
@@ -83,6 +88,30 @@ def _revisited_metrics(query, gallery, gnd):
     return metrics
 
 
+def _revisited_top1(query, gallery, gnd):
+    """Top-1 positives of the Medium protocol (junk skipped): the search goes one image deeper than the
+    longest junk list, so every query's first non-junk image is in reach without a full ranking."""
+    import numpy as np
+
+    from advbct.evaluation.metrics import revisited_top1_positive
+    from advbct.evaluation.search import knn_search
+
+    n = gallery.shape[0]
+    longest_junk = max((np.asarray(g.get("junk", ()) if isinstance(g, dict) else ()).size for g in gnd),
+                       default=0)
+    _, ranks = knn_search(query, gallery, k=min(n, longest_junk + 1))
+    return revisited_top1_positive(ranks, gnd, n)
+
+
+def _gldv2_top1(query, gallery, ground_truth):
+    """Top-1 positives against per-query lists of relevant gallery indices."""
+    from advbct.evaluation.metrics import gldv2_top1_positive
+    from advbct.evaluation.search import knn_search
+
+    _, ranks = knn_search(query, gallery, k=1)
+    return gldv2_top1_positive(ranks, ground_truth)
+
+
 def _map_at_k(k, query, gallery, ground_truth):
     """The GLDv2 retrieval metric (Kaggle mAP@k) over the top-k neighbours."""
     from advbct.evaluation.metrics import gldv2_map_at_k
@@ -94,10 +123,10 @@ def _map_at_k(k, query, gallery, ground_truth):
 
 def map_at_k(k):
     """mAP@k against per-query lists of relevant gallery indices; headline ``metrics["mAP@<k>"]``."""
-    return Metric(f"mAP@{k}", (f"mAP@{k}",), partial(_map_at_k, k))
+    return Metric(f"mAP@{k}", (f"mAP@{k}",), partial(_map_at_k, k), top1=_gldv2_top1)
 
 
-REVISITED_MAP = Metric("mAP medium", ("mAP", "medium"), _revisited_metrics)
+REVISITED_MAP = Metric("mAP medium", ("mAP", "medium"), _revisited_metrics, top1=_revisited_top1)
 GLDV2_MAP = map_at_k(GLDV2_TOPK)
 
 

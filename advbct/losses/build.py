@@ -33,10 +33,22 @@ def needs_old_classifier(comp_cfg: Mapping) -> bool:
     return found is not None and found[0].requires_old_classifier(found[1])
 
 
+def needs_transformation(comp_cfg: Mapping) -> bool:
+    """Whether the configured method trains its new model alone and maps old embeddings afterwards (FCT): no
+    old model in training, EVAL.OLD_TRANSFORM in the cross test. A TYPE this registry does not know: False."""
+    found = _configured(comp_cfg)
+    return found is not None and found[0].requires_transformation(found[1])
+
+
 def build_compat_loss(comp_cfg: Mapping, *, embed_dim: int, num_old_classes: int, total_epochs: int,
                       meta: ClassMeta | None = None,
-                      old_classifier_weight: torch.Tensor | None = None) -> CompatibilityLoss | None:
-    """Build the COMP_LOSS section's method; ``None`` when TYPE is '' (independent training φ*).
+                      old_classifier_weight: torch.Tensor | None = None, classifier: str = "softmax",
+                      scale: float = 30.0, margin: float = 0.3) -> CompatibilityLoss | None:
+    """Build the COMP_LOSS section's method; ``None`` when TYPE is '' (independent training φ*) or names a
+    method that needs a transformation (its new model trains as φ* does).
+
+    ``classifier`` / ``scale`` / ``margin``: the new model's classification head, the config's LOSS.TYPE /
+    LOSS.SCALE / LOSS.MARGIN (the defaults are theirs), for the methods that go through it (mixbct).
 
     An unknown TYPE, a bad option value, or missing meta / old classifier for a method that needs them
     raise a UserError naming the config key, here, before the first training step.
@@ -46,6 +58,8 @@ def build_compat_loss(comp_cfg: Mapping, *, embed_dim: int, num_old_classes: int
         return None
     method = get_method(kind)
     opts = method.checked(comp_cfg)
+    if method.requires_transformation(opts):
+        return None
     if method.requires_meta(opts):
         meta = check_meta(meta, method=kind, embed_dim=embed_dim, num_old_classes=num_old_classes)
     if method.requires_old_classifier(opts):
@@ -56,5 +70,6 @@ def build_compat_loss(comp_cfg: Mapping, *, embed_dim: int, num_old_classes: int
             raise UserError(f"OLD_MODEL.WEIGHTS: old classifier weight is {tuple(old_classifier_weight.shape)}, "
                             f"expected ({num_old_classes}, {embed_dim})")
     ctx = BuildContext(embed_dim=embed_dim, num_old_classes=num_old_classes, total_epochs=total_epochs, meta=meta,
-                       old_classifier_weight=old_classifier_weight)
+                       old_classifier_weight=old_classifier_weight, classifier=classifier, scale=float(scale),
+                       margin=float(margin))
     return method.build(opts, ctx)

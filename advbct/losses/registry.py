@@ -71,13 +71,19 @@ class Options(dict):
 @dataclass(frozen=True)
 class BuildContext:
     """What a builder gets besides the options. ``meta`` is checked against the old model when the method
-    needs it (else it may be None); so is ``old_classifier_weight``, (num_old_classes, embed_dim)."""
+    needs it (else it may be None); so is ``old_classifier_weight``, (num_old_classes, embed_dim).
+    ``classifier``, ``scale`` and ``margin`` are the classification head of the model being trained: the
+    LOSS section of the config (LOSS.TYPE softmax | arcface | cosface, LOSS.SCALE, LOSS.MARGIN), for a
+    method whose term goes through the new classifier."""
 
     embed_dim: int
     num_old_classes: int
     total_epochs: int
     meta: Any = None
     old_classifier_weight: Any = None
+    classifier: str = "softmax"
+    scale: float = 30.0
+    margin: float = 0.3
 
 
 # the keys every method shares besides TYPE and META_PATH (whose help lists the registered methods:
@@ -103,6 +109,7 @@ class Method:
     options: tuple[Option, ...]
     needs_meta: bool | Callable[[Options], bool] = False
     needs_old_classifier: bool | Callable[[Options], bool] = False
+    needs_transformation: bool | Callable[[Options], bool] = False
 
     def resolve(self, comp_cfg: Mapping) -> Options:
         """The shared keys and this method's options from ``comp_cfg``, defaults filled in, as their types."""
@@ -121,6 +128,9 @@ class Method:
     def requires_old_classifier(self, opts: Options) -> bool:
         return _flag(self.needs_old_classifier, opts)
 
+    def requires_transformation(self, opts: Options) -> bool:
+        return _flag(self.needs_transformation, opts)
+
 
 _METHODS: dict[str, Method] = {}  # in registration order: the order of the tables and of TYPE's help
 _SECTION: dict[str, tuple] = {}  # the live COMP_LOSS schema {key: (default, help)}, rebuilt in place
@@ -128,7 +138,7 @@ _SECTION: dict[str, tuple] = {}  # the live COMP_LOSS schema {key: (default, hel
 
 def register_method(name: str, loss_class: type, *, label: str, build: Callable[[Options, BuildContext], Any],
                     options=(), plot_label: str | None = None, paper_row: bool = True,
-                    needs_meta=None, needs_old_classifier=None) -> Method:
+                    needs_meta=None, needs_old_classifier=None, needs_transformation=None) -> Method:
     """Declare compatibility method ``name`` (the ``COMP_LOSS.TYPE`` value) and return its record.
 
     ``loss_class``: its CompatibilityLoss subclass; ``build(opts, ctx)`` returns an instance from the
@@ -136,8 +146,11 @@ def register_method(name: str, loss_class: type, *, label: str, build: Callable[
     ``plot_label``: its legend in the backfilling plots (default: ``label``); ``paper_row``: whether it
     is a row of the paper's table. ``options``: its :class:`Option` s (``COMP_LOSS.<key>``; a key that
     another method also declares must have the same default and type). ``needs_meta`` /
-    ``needs_old_classifier``: a bool or a function of the options (default: the loss class's attribute
-    of that name). A conflicting declaration raises ValueError and leaves the registry unchanged.
+    ``needs_old_classifier`` / ``needs_transformation``: a bool or a function of the options (default: the
+    loss class's attribute of that name). A method that needs a transformation makes old embeddings
+    compatible after training (FCT): its new model trains without the old model and with no term (its
+    ``build`` returns None), and its cross test needs EVAL.OLD_TRANSFORM (scripts/train_transformation.sh).
+    A conflicting declaration raises ValueError and leaves the registry unchanged.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES:
         raise ValueError(f"method name {name!r}: expected lower-case letters, digits and '_', not "
@@ -158,9 +171,11 @@ def register_method(name: str, loss_class: type, *, label: str, build: Callable[
         needs_meta = bool(getattr(loss_class, "needs_meta", False))
     if needs_old_classifier is None:
         needs_old_classifier = bool(getattr(loss_class, "needs_old_classifier", False))
+    if needs_transformation is None:
+        needs_transformation = bool(getattr(loss_class, "needs_transformation", False))
     method = Method(name=name, loss_class=loss_class, build=build, label=label, plot_label=plot_label or label,
                     paper_row=bool(paper_row), options=options, needs_meta=needs_meta,
-                    needs_old_classifier=needs_old_classifier)
+                    needs_old_classifier=needs_old_classifier, needs_transformation=needs_transformation)
     _METHODS[name] = method
     _rebuild_section()
     return method

@@ -282,14 +282,61 @@ def prepare_steps(block, python=None):
     return steps
 
 
-def evaluate_step(block, model):
-    """Self/cross/backfill of OUT/MODEL/final.pth against the old model on every test set, in one process;
-    the old model's features are embedded by the first model tested and read back by the others."""
+def evaluate_step(block, model, new=None, transform=None):
+    """Self/cross/backfill of OUT/MODEL/final.pth (or the checkpoint ``new``) against the old model on every test
+    set, in one process, into OUT/eval/MODEL; the old model's features are embedded by the first model tested
+    and read back by the others; ``transform``: the EVAL.OLD_TRANSFORM mapping the old gallery (FCT)."""
     b = block
-    return EvalStep(f"test {model}", f"{b.out}/{model}/final.pth", b.new_arch, b.old, f"{b.out}/eval/{model}",
-                    f"{b.logs}/test_{model}.log", tuple(s for s, _ in b.roots), tuple(r for _, r in b.roots),
+    mapped = ("EVAL.OLD_TRANSFORM", transform) if transform else ()
+    return EvalStep(f"test {model}", new or f"{b.out}/{model}/final.pth", b.new_arch, b.old,
+                    f"{b.out}/eval/{model}", f"{b.logs}/test_{model}.log", tuple(s for s, _ in b.roots),
+                    tuple(r for _, r in b.roots),
                     (*b.eval_opts, "OLD_MODEL.ARCH", b.old_arch, "EVAL.BACKFILL", "true",
-                     "EVAL.OLD_FEATURES_CACHE", f"{b.out}/eval/old_features"))
+                     "EVAL.BACKFILL_UNITS", "[image,batch,most_changed]",  # the refresh orders side by side
+                     "EVAL.OLD_FEATURES_CACHE", f"{b.out}/eval/old_features", *mapped))
+
+
+def _later_methods(block):
+    """The rows after the paper's on a synthetic block: the registered methods that are no row of the paper's
+    table and have a config in the block's folder, ``[(row name, label, needs a transformation)]``; a method
+    that needs a transformation (FCT) also gets the row ``<name>_procrustes`` where that config exists."""
+    if not block.preset:
+        return []
+    from advbct.config import load_config
+    from advbct.losses.build import needs_transformation
+    from advbct.losses.registry import labels, list_methods
+
+    paper = set(list_methods(paper_rows=True))
+    rows = []
+    for name in list_methods():
+        config = f"{block.cfg}/{name}.yml"
+        if name in paper or not os.path.isfile(config):
+            continue
+        mapped = needs_transformation(load_config(config).COMP_LOSS)
+        rows.append((name, labels()[name], mapped))
+        if mapped and os.path.isfile(f"{block.cfg}/{name}_procrustes.yml"):
+            rows.append((f"{name}_procrustes", f"{labels()[name]} (Procrustes)", True))
+    return rows
+
+
+def _later_steps(block, rows):
+    """Train each later method's new model (the Procrustes row reuses its FCT model), fit the transformations,
+    test each row (with its transformation where it has one)."""
+    b, steps, tests = block, [], []
+    for name, _, mapped in rows:
+        trained = name[: -len("_procrustes")] if name.endswith("_procrustes") else name
+        if trained == name:
+            steps.append(new_model_step(b, name, f"{b.cfg}/{name}.yml"))
+        transform = None
+        if mapped:
+            transform = f"{b.out}/{name}/transformation.pth"
+            steps.append(Step(f"{name} transformation ({b.backbone})", transform,
+                              ("bash", "scripts/train_transformation.sh", f"{b.cfg}/{name}.yml", *b.data_opts,
+                               *b.compat, "NEW_MODEL.WEIGHTS", f"{b.out}/{trained}/final.pth",
+                               "NEW_MODEL.ARCH", b.new_arch, "OUTPUT", f"{b.out}/{name}"),
+                              f"{b.logs}/{name}_transformation.log"))
+        tests.append(evaluate_step(b, name, new=f"{b.out}/{trained}/final.pth", transform=transform))
+    return steps + tests
 
 
 def new_model_step(block, name, config, *overrides):
@@ -302,14 +349,16 @@ def new_model_step(block, name, config, *overrides):
 
 def table_steps(block, python=None):
     """The plan of scripts/reproduce_table.sh: :func:`prepare_steps`, every method of :func:`_table_methods`,
-    the tests of phi* and of each method, then table.{md,json} (tools/collect_results.py, beside the paper's
+    the tests of phi* and of each method, on a synthetic block the rows of :func:`_later_methods`, then table.{md,json} (tools/collect_results.py, beside the paper's
     numbers on the real datasets when ../shared/data/paper_table.json exists) and backfill.{json,png}."""
     py = python or sys.executable
     b, methods = block, _table_methods()
     steps = prepare_steps(b, py)
     steps += [new_model_step(b, m, f"{b.cfg}/{m}.yml") for m, _ in methods]
     steps += [evaluate_step(b, model) for model in ("independent", *(m for m, _ in methods))]
-    method_args = [a for m, label in methods for a in ("--method", f"{label}={b.out}/eval/{m}")]
+    later = _later_methods(b)  # synthetic blocks: the methods published after AdvBCT, as extra rows
+    steps += _later_steps(b, later)
+    method_args = [a for m, label, *_ in (*methods, *later) for a in ("--method", f"{label}={b.out}/eval/{m}")]
     reference = "../shared/data/paper_table.json"
     ref_args = ["--reference", reference] if not b.preset and os.path.isfile(reference) else []
     steps += [Step("table", None, (py, "tools/collect_results.py", "--independent", f"{b.out}/eval/independent",

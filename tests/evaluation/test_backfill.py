@@ -169,7 +169,9 @@ def test_backfill_curve_image_mode_differs_and_records_its_seed():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("EVAL.BACKFILL_UNIT", "foo", "EVAL.BACKFILL_UNIT 'foo': expected image or batch"),
+    ("EVAL.BACKFILL_UNIT", "foo", "EVAL.BACKFILL_UNIT 'foo': expected image, batch or most_changed"),
+    ("EVAL.BACKFILL_UNITS", "[image, foo]", "^EVAL.BACKFILL_UNITS 'foo': expected image, batch or most_changed$"),
+    ("EVAL.BACKFILL_UNITS", "[batch, image, batch]", "^EVAL.BACKFILL_UNITS: 'batch' is named twice"),
     ("EVAL.BACKFILL_UNIT", "Batch", "EVAL.BACKFILL_UNIT 'Batch'"),
     ("EVAL.BACKFILL_BATCH", "0", "EVAL.BACKFILL_BATCH 0: expected"),
     ("EVAL.BACKFILL_BATCH", "-16", "EVAL.BACKFILL_BATCH -16: expected"),

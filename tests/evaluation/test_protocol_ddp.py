@@ -79,9 +79,10 @@ def test_two_ranks_evaluate_once_and_agree_with_one(tiny_synthetic, tmp_path):
     counts = {"searches": 0, "checked_images": 0}
     single = _evaluate(root, counts)
     n_images = counts["checked_images"]
-    # self, cross, old self and 5 backfill ratios: 8 searches, all on rank 0; every image checked once, there
-    assert counts["searches"] == 8 and n_images > 0
-    assert ranks[0]["counts"] == {"searches": 8, "checked_images": n_images}
+    # self, cross, old self and 5 backfill ratios, then the negative flips' top-1 searches (old/old, the 5
+    # backfilled galleries, cross and self): 16 searches, all on rank 0; every image checked once, there
+    assert counts["searches"] == 16 and n_images > 0
+    assert ranks[0]["counts"] == {"searches": 16, "checked_images": n_images}
     assert ranks[1]["counts"] == {"searches": 0, "checked_images": 0}
     for r in ranks:
         assert r["result"] == single  # every metric and the backfilling curve

@@ -43,8 +43,9 @@ COMP_LOSS_DEFAULTS = {
     "LCE_VARIANT": "benchmark", "LCE_ALIGN_WEIGHT": 1.0,
     "ARC_SCALE": 30.0, "ARC_MARGIN": 0.3,
     "TEMPERATURE": 0.01, "TOPK_NEG": 0, "DETACH_KEYS": False,
+    "MIX_RATIO": 0.3, "MIX_DENOISE": "meta", "MIX_REPLACE": True,
 }
-BUILT_IN = ["bct", "lce", "unibct", "hot_refresh", "advbct", "l2"]
+BUILT_IN = ["bct", "lce", "unibct", "hot_refresh", "advbct", "l2", "mixbct", "fct"]
 
 
 def meta(num_classes=3, dim=4):
@@ -110,7 +111,7 @@ def test_a_method_declared_in_one_place_trains_and_reaches_config_and_reports(to
     assert DEFAULTS["COMP_LOSS"]["TOY_SCALE"] == (2.0, "toy: scale of the squared distance")
     assert "COMP_LOSS.TOY_SCALE" in all_keys()
     assert "COMP_LOSS.TOY_SCALE = 2.0  # toy: scale of the squared distance" in describe()
-    assert DEFAULTS["COMP_LOSS"]["TYPE"][1].endswith("| advbct | l2 | toy")
+    assert DEFAULTS["COMP_LOSS"]["TYPE"][1].endswith("| l2 | mixbct | fct | toy")
     assert load_config().COMP_LOSS.TOY_SCALE == 2.0
     cfg = load_config(None, toy_overrides(data, tmp_path / "run", "COMP_LOSS.TOY_SCALE", "3",
                                           "COMP_LOSS.WEIGHT", "0.5"))
@@ -172,9 +173,10 @@ def test_built_in_methods_labels_and_order():
     assert list_methods(paper_rows=True) == ["bct", "lce", "unibct", "hot_refresh", "advbct"]
     # the table rows advbct/pipelines/blocks.py names today, and the backfilling plots' legends
     assert labels() == {"bct": "BCT", "lce": "LCE", "unibct": "UniBCT", "hot_refresh": "HotRefresh",
-                        "advbct": "AdvBCT", "l2": "L2"}
+                        "advbct": "AdvBCT", "l2": "L2", "mixbct": "MixBCT", "fct": "FCT"}
     assert model_labels() == {"independent": "phi*", "bct": "BCT", "lce": "LCE", "unibct": "UniBCT",
-                              "hot_refresh": "Hot-refresh", "advbct": "AdvBCT", "l2": "L2"}
+                              "hot_refresh": "Hot-refresh", "advbct": "AdvBCT", "l2": "L2",
+                              "mixbct": "MixBCT", "fct": "FCT"}
     assert dict(LOSSES) == {name: get_method(name).loss_class for name in BUILT_IN}
 
 
@@ -189,8 +191,10 @@ def test_every_registered_option_is_a_config_key_with_its_default():
             assert resolved[option.key] == option.default and type(resolved[option.key]) is option.type
             declared.add(option.key)
     assert set(section) == declared == set(COMP_LOSS_DEFAULTS)
-    assert section["TYPE"] == ("", "compatibility method: '' (none) | bct | lce | unibct | hot_refresh | advbct | l2")
-    assert section["META_PATH"] == ("", "old-class meta file (scripts/extract_meta.sh); needed by lce, unibct, advbct")
+    assert section["TYPE"] == ("", "compatibility method: '' (none) | bct | lce | unibct | hot_refresh | advbct | l2 "
+                                   "| mixbct | fct")
+    assert section["META_PATH"] == ("", "old-class meta file (scripts/extract_meta.sh); needed by lce, unibct, advbct, "
+                                        "mixbct")
     assert section["WEIGHT"] == (1.0, "weight of the whole compatibility term")
 
 
@@ -199,6 +203,9 @@ def test_declared_needs_match_the_loss_classes():
                 old_classifier_weight=torch.randn(3, 4))
     for name in BUILT_IN:
         loss = build_compat_loss({"TYPE": name}, meta=meta(), **full)
+        if loss is None:  # fct: no term, the new model trains alone (tests/engine/test_transformation.py)
+            assert get_method(name).loss_class.needs_transformation and not needs_meta({"TYPE": name})
+            continue
         assert needs_meta({"TYPE": name}) == bool(loss.needs_meta), name
         assert needs_old_classifier({"TYPE": name}) == bool(loss.needs_old_classifier), name
     assert not needs_meta({"TYPE": "advbct", "BOUNDARY": False})

@@ -23,6 +23,10 @@ from helpers import REPO
 
 SETS = ["rparis6k", "roxford5k", "gldv2"]
 METHODS = [("bct", "BCT"), ("lce", "LCE"), ("unibct", "UniBCT"), ("hot_refresh", "HotRefresh"), ("advbct", "AdvBCT")]
+# the rows after the paper's on a synthetic block: the methods published after AdvBCT that have a block config
+LATER = [("mixbct", "MixBCT"), ("fct", "FCT"), ("fct_procrustes", "FCT (Procrustes)")]
+LATER_STEPS = ["mixbct (r18)", "fct (r18)", "fct transformation (r18)", "fct_procrustes transformation (r18)",
+               "test mixbct", "test fct", "test fct_procrustes"]
 PY = "PY"
 
 
@@ -145,7 +149,8 @@ def test_synthetic_table_block_plan(repo_root):
         "synthetic benchmark (tiny)", "check", "stamp", "pretrain backbone (r18, ./data/synthetic-tiny/pretrain)",
         "split by class (30 % old)", "old model (R18, class allocation)", "old-class meta", "phi* (r18)",
         "bct (r18)", "lce (r18)", "unibct (r18)", "hot_refresh (r18)", "advbct (r18)",
-        "test independent", "test bct", "test lce", "test unibct", "test hot_refresh", "test advbct", "table", None]
+        "test independent", "test bct", "test lce", "test unibct", "test hot_refresh", "test advbct",
+        *LATER_STEPS, "table", None]
     assert plan[2] == Stamp(f"{d}/SYNTHETIC.json", (pre, old, o))
     syn = ["DATA.ROOT", f"{d}/gldv2", "DATA.TRAIN_LIST", f"{d}/gldv2/gldv2_train_new_100percent_class.txt",
            "META.TRAIN_LIST", f"{d}/gldv2/gldv2_train_old_30percent_class.txt", "EVAL.ROOT", f"{d}/ROxfordParis"]
@@ -172,11 +177,21 @@ def test_synthetic_table_block_plan(repo_root):
     assert (ev.test_sets, ev.roots) == (tuple(SETS), (f"{d}/ROxfordParis", f"{d}/ROxfordParis", f"{d}/gldv2"))
     assert list(ev.options) == ["EVAL.IMG_SIZE", "64", "EVAL.NUM_WORKERS", "1", "EVAL.BATCH_SIZE", "128",
                                 "OLD_MODEL.ARCH", "resnet18", "EVAL.BACKFILL", "true",
+                                "EVAL.BACKFILL_UNITS", "[image,batch,most_changed]",
                                 "EVAL.OLD_FEATURES_CACHE", f"{o}/eval/old_features"]
+    # after the paper's rows: FCT's transformations fitted on its new model, both tested with theirs
+    fit = by_name(plan, "fct_procrustes transformation (r18)")
+    assert (fit.output, list(fit.command)) == (f"{o}/fct_procrustes/transformation.pth", [
+        "bash", "scripts/train_transformation.sh", "configs/synthetic/class_r18/fct_procrustes.yml", *syn, *compat,
+        "NEW_MODEL.WEIGHTS", f"{o}/fct/final.pth", "NEW_MODEL.ARCH", "resnet18", "OUTPUT", f"{o}/fct_procrustes"])
+    ev = by_name(plan, "test fct_procrustes")
+    assert (ev.new, ev.eval_dir) == (f"{o}/fct/final.pth", f"{o}/eval/fct_procrustes")
+    assert list(ev.options[-2:]) == ["EVAL.OLD_TRANSFORM", f"{o}/fct_procrustes/transformation.pth"]
+    assert "EVAL.OLD_TRANSFORM" not in by_name(plan, "test mixbct").options
     table, plot = plan[-2:]
     assert list(table.command) == [
         PY, "tools/collect_results.py", "--independent", f"{o}/eval/independent",
-        *[a for m, label in METHODS for a in ("--method", f"{label}={o}/eval/{m}")], "--block", "class",
+        *[a for m, label in METHODS + LATER for a in ("--method", f"{label}={o}/eval/{m}")], "--block", "class",
         "--description", "class_r18_synthetic-tiny", "--out", f"{o}/table.json", "--markdown", f"{o}/table.md",
         "--criterion"]
     assert list(plot.command) == [PY, "tools/plot_backfill.py", "--eval-dir", f"{o}/eval", "--out", f"{o}/backfill"]
@@ -190,15 +205,17 @@ def test_every_method_and_test_set_appears_once(repo_root, alloc, backbone):
     pretrains = ["pretrain backbone (r18, ./data/synthetic-tiny/pretrain)"]
     if backbone == "r50":
         pretrains.append("pretrain backbone (r50, ./data/synthetic-tiny/pretrain)")
-    assert trained == [*pretrains, f"phi* ({backbone})", *[f"{m} ({backbone})" for m, _ in METHODS]]
+    later = [m for m, _ in LATER if not m.endswith("_procrustes")]  # the Procrustes row reuses FCT's model
+    assert trained == [*pretrains, f"phi* ({backbone})", *[f"{m} ({backbone})" for m, _ in METHODS],
+                       *[f"{m} ({backbone})" for m in later]]
     tests = [s for s in plan if isinstance(s, EvalStep)]
-    assert [s.name for s in tests] == ["test independent", *[f"test {m}" for m, _ in METHODS]]
+    assert [s.name for s in tests] == ["test independent", *[f"test {m}" for m, _ in METHODS + LATER]]
     assert all(list(s.test_sets) == SETS for s in tests)
     arch = {"r18": "resnet18", "r50": "resnet50"}[backbone]
     assert {(s.arch, s.options[s.options.index("OLD_MODEL.ARCH") + 1]) for s in tests} == {(arch, "resnet18")}
     table = plan[-2].command
     labels = [table[i + 1].split("=")[0] for i, a in enumerate(table) if a == "--method"]
-    assert labels == [label for _, label in METHODS]
+    assert labels == [label for _, label in METHODS + LATER]
     assert table[table.index("--block") + 1] == (alloc if backbone == "r18" else f"backbone-{alloc}")
     block = resolve_block(alloc, backbone, "tiny")
     for m, _ in METHODS:  # each row's config is the block's, against the block's old model and meta
@@ -243,8 +260,8 @@ def test_real_block_plan(real_root):
     ev = by_name(plan, "test advbct")
     assert ev.roots == ("./data/ROxfordParis", "./data/ROxfordParis", "./data/GLDv2")
     assert (ev.arch, list(ev.options)) == ("timm:resnet50.a1_in1k", [
-        "OLD_MODEL.ARCH", "timm:resnet18.tv_in1k", "EVAL.BACKFILL", "true", "EVAL.OLD_FEATURES_CACHE",
-        f"{o}/eval/old_features"])
+        "OLD_MODEL.ARCH", "timm:resnet18.tv_in1k", "EVAL.BACKFILL", "true",
+        "EVAL.BACKFILL_UNITS", "[image,batch,most_changed]", "EVAL.OLD_FEATURES_CACHE", f"{o}/eval/old_features"])
     step = ev.step(missing=["gldv2"])  # one set alone: its own folder is SAVE_DIR
     assert list(step.command[3:5]) == ["gldv2", "./data/GLDv2"] and step.command[-1] == f"{o}/eval/advbct/gldv2"
     table = plan[-2].command
@@ -544,7 +561,11 @@ def test_plans_follow_the_method_and_test_set_registries(repo_root):
         assert step.command[2] == "configs/synthetic/class_r18/toy.yml" and "toy_extra (r18)" not in names(plan)
         assert names(plan)[names(plan).index("advbct (r18)") + 1] == "toy (r18)"   # the table's order
         table = plan[-2].command
-        assert table[table.index("--block") - 1] == "Toy=./output/reproduce/class_r18_synthetic-tiny/eval/toy"
+        rows = [a for a in table if "=./output" in a]
+        assert rows[rows.index("AdvBCT=./output/reproduce/class_r18_synthetic-tiny/eval/advbct") + 1] == \
+            "Toy=./output/reproduce/class_r18_synthetic-tiny/eval/toy"  # a paper row: before the later methods'
+        # a later method (paper_row False) is a row of a synthetic block only where the block has its config
+        assert "toy_extra (r18)" not in names(plan) and not any(a.startswith("ToyExtra=") for a in table)
         ev = by_name(plan, "test toy")
         assert ev.test_sets == (*SETS, "toyset") and ev.roots[-1] == "./data/synthetic-tiny/toy"
         assert demo_steps("tiny")[-3].test_sets == (*SETS, "toyset")
