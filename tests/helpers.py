@@ -156,3 +156,89 @@ def momentum_buffers(state):
     """The SGD momentum buffers of a checkpoint, by parameter index (after one step: the first gradient)."""
     opt = state["optimizer"]["state"]
     return {i: opt[i]["momentum_buffer"] for i in sorted(opt)}
+
+
+def call_main(main, argv, capfd):
+    """``main(argv)`` of an entry point called in this process, as its command line runs it (``sys.exit(main())``):
+    a ``CompletedProcess`` with the exit status (a ``SystemExit``'s code, or main's return value; None is 0) and
+    what reached stdout and stderr, ``capfd`` capturing them. The caller sets the folder and the environment
+    the script would (monkeypatch.chdir / setenv); what the bash wrapper itself does is not run."""
+    capfd.readouterr()   # what the test printed before
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(argv), 0 if code is None else code, out, err)
+
+
+def fork_main(main, argv, env, log, cwd=None, new_group=False):
+    """``main(argv)`` (an entry point's, e.g. tools/train.py's) in a child forked from this process, which has
+    imported torch already: a start costs milliseconds, not the seconds of a fresh Python. The child's
+    environment is ``env`` alone, it uses one torch thread and no GPU (as a torchrun worker on the CPU) and
+    writes stdout and stderr to ``log``, from ``cwd`` (default: this process's folder), in a process group of
+    its own with ``new_group`` (``os.killpg(pid, ...)`` then reaches what it starts too); its exit status is
+    main's (``sys.exit`` code or return value; 1 on an exception, printed). Returns its pid
+    (:func:`wait_children`)."""
+    import os
+    import traceback
+
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        if new_group:
+            os.setpgid(0, 0)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+        os.environ.clear()
+        os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
+        import torch
+        torch.set_num_threads(1)
+        torch.cuda.is_available = lambda: False
+        result = main(list(argv))
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
+
+
+def wait_children(pids, logs, timeout=300):
+    """Wait for the forked children ``pids`` (killing all once ``timeout`` s passed or one failed and the rest
+    outlived it by 60 s) and require that every one exited 0; otherwise fail with the end of each log."""
+    import os
+    import signal
+    import time
+
+    deadline, codes, first_failure = time.monotonic() + timeout, {}, None
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+                if codes[pid] != 0 and first_failure is None:
+                    first_failure = time.monotonic()
+        now = time.monotonic()
+        if len(codes) < len(pids) and (now > deadline or (first_failure is not None and now > first_failure + 60)):
+            for pid in pids:
+                if pid not in codes:
+                    os.kill(pid, signal.SIGKILL)
+                    codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.01)
+    failed = [(pid, codes[pid], Path(log).read_text()[-4000:] if Path(log).exists() else "")
+              for pid, log in zip(pids, logs) if codes[pid] != 0]
+    assert not failed, failed
+    return [codes[pid] for pid in pids]

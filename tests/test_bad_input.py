@@ -89,6 +89,10 @@ CASES = [
     Case("test-garbage-old-model", "test", ("NEW_MODEL.WEIGHTS", "{ckpt}", "OLD_MODEL.WEIGHTS", "{w}/garbage.pth",
                                             "EVAL.ROOT", "{w}/rev", "EVAL.SAVE_DIR", "{w}/fresh"),
          "{w}/garbage.pth"),
+    Case("test-unknown-backfill-unit", "test", ("NEW_MODEL.WEIGHTS", "{ckpt}", "OLD_MODEL.WEIGHTS", "{ckpt}",
+                                                "EVAL.ROOT", "{w}/rev", "EVAL.BACKFILL", "true",
+                                                "EVAL.BACKFILL_UNITS", "[image,newest]", "EVAL.SAVE_DIR", "{w}/fresh"),
+         "EVAL.BACKFILL_UNITS 'newest': expected image, batch or most_changed"),
     # tools/test_generations.py (scripts/test_generations.sh)
     Case("generations-one-model", "test_generations", ("GENERATIONS.WEIGHTS", "[{ckpt}]", "EVAL.ROOT", "{w}/rev",
                                                        "EVAL.SAVE_DIR", "{w}/fresh"),
@@ -291,4 +295,4 @@ def test_the_battery_covers_every_entry_point():
     assert len(CASES) + len(SCRIPT_CASES) == BATTERY_SIZE
 
 
-BATTERY_SIZE = 74  # docs/USAGE.md states it
+BATTERY_SIZE = 75  # docs/USAGE.md states it

@@ -1,36 +1,35 @@
 """Entry-point error handling: one line, exit 2, also for errors raised inside DataLoader workers."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from advbct.errors import one_line
+from advbct.errors import UserError, one_line
+from helpers import call_main
 
-WORKER_ERROR = """
-import torch
-from advbct.cli import guarded
-from advbct.errors import UserError
+class Broken:
+    """A dataset whose every item fails as an undecodable image does (a UserError raised in the worker)."""
 
-class Broken(torch.utils.data.Dataset):
     def __len__(self):
         return 4
+
     def __getitem__(self, i):
         raise UserError(f"img_{i}.jpg: cannot decode image")
 
-@guarded
-def main():
-    for _ in torch.utils.data.DataLoader(Broken(), num_workers=1):
-        pass
 
-main()
-"""
+def test_worker_error_reaches_the_user_as_one_line(capfd):
+    """A guarded entry point reading a DataLoader whose worker process (forked from this one) raises: the
+    user sees the worker's message alone, on one line, and exit status 2."""
+    import torch
 
+    from advbct.cli import guarded
 
-@pytest.mark.slow
-def test_worker_error_reaches_the_user_as_one_line():
-    proc = subprocess.run([sys.executable, "-c", WORKER_ERROR], capture_output=True, text=True)
+    @guarded
+    def main(argv):
+        for _ in torch.utils.data.DataLoader(Broken(), num_workers=1):
+            pass
+
+    proc = call_main(main, [], capfd)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: img_0.jpg: cannot decode image"
 

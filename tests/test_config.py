@@ -1,8 +1,6 @@
 """Config: defaults, YAML merge, KEY VALUE overrides, and errors that name the key."""
 
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,7 +11,7 @@ from advbct.config import DEFAULTS, all_keys, describe, flat_config, load_config
 from advbct.data.splits import split_by_class
 from advbct.data.synthetic import PRESETS
 from advbct.errors import UserError
-from helpers import REPO
+from helpers import REPO, call_main
 
 
 def test_defaults_match_paper_hyper_parameters():
@@ -186,11 +184,10 @@ def test_small_preset_leaves_the_old_model_at_least_emb_dim_classes():
     assert old_classes >= load_config(str(REPO / "configs" / "synthetic" / "base.yml")).MODEL.EMB_DIM
 
 
-@pytest.mark.slow
-def test_guarded_entry_point_prints_one_line(tmp_path):
-    code = ("from advbct.cli import guarded\nfrom advbct.config import load_config\n"
-            "guarded(lambda: load_config(None, ['MODEL.ARHC', 'x']))()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def test_guarded_entry_point_prints_one_line(capfd):
+    from advbct.cli import guarded
+
+    proc = call_main(guarded(lambda argv: load_config(None, argv)), ["MODEL.ARHC", "x"], capfd)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: command line: unknown config key 'MODEL.ARHC'")

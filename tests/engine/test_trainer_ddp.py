@@ -1,19 +1,21 @@
 """Two gloo processes with batch B/2 each train exactly like one process with batch B.
 
-``tools/train.py`` under ``torch.distributed.run`` (2 CPU processes) against the in-process Trainer
+``tools/train.py`` on 2 CPU processes (its main in two children forked from this process, with the
+variables ``torch.distributed.run`` gives its workers: no Python start with torch a process; torchrun itself
+launches tools/train.py in tests/scripts/test_launch.py) against the in-process Trainer
 with the doubled batch, after one iteration: weights, BN statistics, SGD momentum (= the gradient of
 the first step), the loss module's state and the logged epoch means must agree. The global batch is
 the same SET of images: DistributedSampler gives rank r the indices perm[r::2] of one seeded
 permutation, so the first B/2 of each rank are together perm[:B], the single process's first batch.
 With MODEL.SYNC_BN the BatchNorm statistics are global (AllReduceBatchNorm on CPU), so everything that
 is a mean over the batch matches; hot_refresh gathers its negatives across ranks; the advbct loss
-module (elastic radii + discriminator with its own BN) runs under DDP.
+module (elastic radii + discriminator with its own BN) runs under DDP. The other multi-process checks fork
+their ranks too (``torch.multiprocessing`` with the fork start method).
 """
 
+import importlib.util
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,8 +27,8 @@ from advbct.config import load_config
 from advbct.engine.sync_bn import AllReduceBatchNorm, convert_sync_batchnorm
 from advbct.models import build_model
 from helpers import REPO, TRAIN_BATCH as BATCH, TRAIN_EMB as EMB, TRAIN_WORLD as WORLD
-from helpers import (assert_states_close, base_overrides, free_port, load_last, momentum_buffers, relative_error,
-                     run_one_process)
+from helpers import (assert_states_close, base_overrides, fork_main, free_port, load_last, momentum_buffers,
+                     relative_error, run_one_process, wait_children)
 
 CLASSES, PER_CLASS = 4, 8   # the image_list fixture's
 
@@ -34,13 +36,22 @@ pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_av
                                 reason="torch.distributed with gloo is not available")
 
 
-def run_two_processes(overrides):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           str(REPO / "tools" / "train.py"), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    err = proc.stderr if len(proc.stderr) < 8000 else proc.stderr[:4000] + "\n[...]\n" + proc.stderr[-4000:]
-    assert proc.returncode == 0, err
+def fork_two_processes(overrides, logs):
+    """tools/train.py's main on ``overrides`` in two forked children that form one gloo world through the
+    variables torchrun sets for its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...; one thread
+    each, as torchrun's OMP_NUM_THREADS=1); each child's console in ``logs/rank<r>.log``."""
+    spec = importlib.util.spec_from_file_location("advbct_train_tool", REPO / "tools" / "train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    logs.mkdir(parents=True, exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    world = {"WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1",
+             "TORCHELASTIC_RUN_ID": "forked", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+             "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    paths = [logs / f"rank{r}.log" for r in range(WORLD)]
+    pids = [fork_main(tool.main, overrides, dict(base, **world, RANK=str(r), LOCAL_RANK=str(r)), path)
+            for r, path in enumerate(paths)]
+    wait_children(pids, paths)
 
 
 def logged_epoch_means(out):
@@ -67,7 +78,7 @@ def test_global_batch_is_the_same_set():
 @pytest.mark.parametrize("method", ["", "hot_refresh", "advbct"], ids=["plain", "hot_refresh", "advbct"])
 def test_two_processes_equal_one_process(ddp_setup, request, tmp_path, method):
     data, extra = ddp_setup["data"], ddp_setup["comp"][method]
-    run_two_processes(base_overrides(data, tmp_path / "two", BATCH // WORLD, extra))
+    fork_two_processes(base_overrides(data, tmp_path / "two", BATCH // WORLD, extra), tmp_path / "logs")
     if method == "advbct":  # the one-process AdvBCT run tests/scripts/test_launch.py compares with too
         reference = request.getfixturevalue("advbct_one_process")
         history, one = reference["history"], reference["last"]
@@ -140,7 +151,7 @@ def _affine_bn(bn):
 def test_all_reduce_batchnorm_equals_batchnorm_on_the_global_batch(tmp_path):
     """Two ranks holding 2 and 4 samples: outputs, input and parameter gradients (summed over ranks, as
     DDP's all-reduce does before averaging) and running statistics equal BatchNorm2d on all 6."""
-    mp.spawn(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.start_processes(_bn_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     x, w_out = _bn_inputs()
     for i, momentum in enumerate(MOMENTA):
@@ -185,6 +196,7 @@ def _resume_worker(rank, port, outputs, overrides):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
+    torch.cuda.is_available = lambda: False   # forked: the CPU, whatever this machine has
     from advbct import distributed
     from advbct.engine.trainer import Trainer
 
@@ -207,7 +219,8 @@ def test_resume_comes_from_rank_0_on_every_rank(ddp_setup, tmp_path):
     (tmp_path / "other").mkdir()
     outputs = [str(tmp_path / "first"), str(tmp_path / "other")]
     extended = [*overrides, "TRAIN.EPOCHS", "2"]  # one epoch left to train
-    mp.spawn(_resume_worker, args=(free_port(), outputs, extended), nprocs=WORLD, join=True)
+    mp.start_processes(_resume_worker, args=(free_port(), outputs, extended), nprocs=WORLD, join=True,
+                       start_method="fork")
     for out in outputs:
         resumed = torch.load(os.path.join(out, "resumed.pt"), weights_only=True)
         assert resumed["start_epoch"] == saved["epoch"] == 1
@@ -257,7 +270,8 @@ def test_loss_module_ddp_survives_a_batch_without_old_classes(tmp_path):
     """The AdvBCT module under DDP without find_unused_parameters: a step where one rank has no old-class
     sample still reduces every parameter (zero gradient for the elastic weights), and the ranks' parameters
     stay equal (BatchNorm statistics are per rank here: no SyncBN in this module-only check)."""
-    mp.spawn(_loss_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.start_processes(_loss_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     assert r0.keys() == r1.keys() and "boundary.elastic_weight" in r0
     for key in r0:

@@ -1,8 +1,10 @@
 """Launching on several nodes and under srun: the torchrun command lines scripts/lib/launch.sh builds, its
 refusals, the failed-rank report of advbct.launch on a node other than 0, and, end to end, two "nodes"
 on this machine (torchrun static rendezvous, and srun-style tasks without torchrun) training exactly like
-one process with the doubled batch."""
+one process with the doubled batch. (The srun-style tasks are tools/train.py's main in two children forked
+from this process with srun's variables: the world they form comes from those variables alone.)"""
 
+import importlib.util
 import json
 import logging
 import os
@@ -13,7 +15,8 @@ import sys
 import pytest
 
 from helpers import REPO, SCRIPTS_LIB, TRAIN_BATCH as BATCH, TRAIN_WORLD as WORLD
-from helpers import assert_states_close, base_overrides, free_port, load_last, momentum_buffers
+from helpers import (assert_states_close, base_overrides, fork_main, free_port, load_last, momentum_buffers,
+                     wait_children)
 
 TOOL = ["tools/train.py", "--cfg", "x.yml", "TRAIN.EPOCHS", "1"]
 
@@ -318,9 +321,9 @@ def test_two_nodes_equal_one_process(ddp_setup, advbct_one_process, tmp_path):
 
 @pytest.mark.slow
 def test_srun_tasks_equal_one_process(ddp_setup, advbct_one_process, tmp_path):
-    """Two plain ``python tools/train.py`` processes with the variables srun gives the two tasks of a step
-    (no torchrun, no RANK/WORLD_SIZE) form one world and train one step exactly like one process with
-    the doubled batch."""
+    """Two plain tools/train.py processes (its main in children forked from this one) with the variables srun
+    gives the two tasks of a step (no torchrun, no RANK/WORLD_SIZE) form one world and train one step exactly
+    like one process with the doubled batch."""
     overrides = base_overrides(ddp_setup["data"], tmp_path / "two", BATCH // WORLD, ddp_setup["comp"]["advbct"])
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
@@ -328,6 +331,11 @@ def test_srun_tasks_equal_one_process(ddp_setup, advbct_one_process, tmp_path):
                 SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1", SLURM_STEP_NODELIST="localhost",
                 SLURM_STEP_TASKS_PER_NODE="2", SLURM_NODEID="0", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, str(REPO / "tools" / "train.py"), *overrides]
-    run_together([cmd] * 2, [dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)) for r in range(2)])
+    spec = importlib.util.spec_from_file_location("advbct_train_tool", REPO / "tools" / "train.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    logs = [tmp_path / f"task{r}.log" for r in range(2)]
+    pids = [fork_main(tool.main, overrides, dict(base, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)), log)
+            for r, log in enumerate(logs)]
+    wait_children(pids, logs)
     assert_same_training(load_last(tmp_path / "two"), advbct_one_process["last"])

@@ -3,14 +3,15 @@ and ends where an uninterrupted run ends.
 
 The demo's plan (advbct.pipelines.demo) on the tiny synthetic benchmark, up to its first training (the
 pretrained backbone, shrunk to 32 px and 2 iterations per epoch), run by ``run_steps`` in a process group of
-its own as scripts/demo.sh runs it, with its data and output folders named with a space, quotes and a
+its own as scripts/demo.sh runs it (a child forked from this process, which has imported torch already; its
+steps are fresh processes as always), with its data and output folders named with a space, quotes and a
 ``$``. CPU, one thread: the computation is deterministic, so the resumed model equals, bit for bit, the one
 this process trains from the same config without a break."""
 
+import dataclasses
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from advbct.io import is_temporary
-from helpers import REPO
+from helpers import REPO, fork_main
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +29,51 @@ SHRINK = ("DATA.IMG_SIZE", "32", "MODEL.EMB_DIM", "32", "TRAIN.EPOCHS", str(EPOC
 WEIRD = "a b 'c' \"d\" $HOME"   # a space, quotes and a $ that no shell may expand
 
 
-def start_plan(data, out):
-    """``run_steps`` of the demo's plan up to its pretraining (shrunk), from the repository root, in a new
-    process group; stdout and stderr together in the returned Popen's stdout."""
-    code = ("import dataclasses, sys\nfrom advbct.cli import guarded\nfrom advbct.pipelines import *\n"
-            f"plan = demo_steps('tiny', {data!r}, {out!r})[:4]\n"
-            f"plan[3] = dataclasses.replace(plan[3], command=(*plan[3].command, *{SHRINK!r}))\n"
-            "sys.exit(guarded(run_steps)(plan))")
-    env = dict(os.environ, NGPUS="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, process_group=0)
+def run_plan(argv):
+    """The pipeline's command line on the demo's plan up to its pretraining (shrunk): ``argv`` is DATA, OUT."""
+    from advbct.cli import guarded
+    from advbct.pipelines import demo_steps, run_steps
+
+    data, out = argv
+    plan = demo_steps("tiny", data, out)[:4]
+    plan[3] = dataclasses.replace(plan[3], command=(*plan[3].command, *SHRINK))
+    return guarded(run_steps)(plan)
 
 
-def finish(proc, timeout=120):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
+class Plan:
+    """:func:`run_plan` from the repository root in a forked child, in a new process group; its stdout and
+    stderr together in ``log``."""
+
+    def __init__(self, data, out, log):
+        env = dict(os.environ, NGPUS="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+        self.log, self.returncode = log, None
+        self.pid = fork_main(run_plan, [data, out], env, log, cwd=REPO, new_group=True)
+
+    def poll(self):
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.wait()
+                raise AssertionError(f"the plan ran over {timeout} s: {self.output()[-3000:]}")
+            time.sleep(0.02)
+        return self.returncode
+
+    def output(self):
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def finish(plan, timeout=120):
+    plan.wait(timeout)
+    out = plan.output()
+    assert plan.returncode == 0, out[-3000:]
     return out
 
 
@@ -70,18 +101,18 @@ def test_demo_killed_in_a_training_step_resumes_it_and_ends_as_an_uninterrupted_
     data = tmp_path / f"data {WEIRD}"
     data.symlink_to(tiny_synthetic)   # (read only: the plan's first steps write nothing into DATA)
     out = tmp_path / f"out {WEIRD}"
-    killed = start_plan(str(data), str(out))
+    killed = Plan(str(data), str(out), tmp_path / "first.log")
     run = out / "pretrain"
     deadline = time.monotonic() + 90
     while not (run / "last.pth").exists():   # epoch 1 saved: kill the whole pipeline, trainer included
-        assert killed.poll() is None and time.monotonic() < deadline, killed.stdout.read()[-3000:]
+        assert killed.poll() is None and time.monotonic() < deadline, killed.output()[-3000:]
         time.sleep(0.02)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL
     assert not (run / "final.pth").exists()   # killed inside the step
 
-    again = start_plan(str(data), str(out))
+    again = Plan(str(data), str(out), tmp_path / "second.log")
     reference = uninterrupted(str(data), str(tmp_path / f"ref {WEIRD}"))   # meanwhile, one core each
     second = finish(again)
     assert second.startswith(f"[done] 1/9 synthetic benchmark (tiny)  ({data}/SYNTHETIC.json)\n")

@@ -1,6 +1,10 @@
 """scripts/test.sh end to end on the tiny synthetic sets, checked against an in-process recomputation,
-and its answers to bad input (exit 2, one line on stderr, no traceback, the culprit named). Every test runs
-the script in a fresh process: all are slow."""
+and its answers to bad input (exit 2, one line on stderr, no traceback, the culprit named). All are slow.
+
+scripts/test.sh and scripts/test_old.sh run in fresh processes (one roxford5k run of each, shared by the tests
+that read it); the references of the several-sets run and most refusals call the command line test.sh execs
+(``tools/test.py``'s main with the same arguments) in this process, which saves a Python start with torch and
+two model loads a run and checks the same results, exit status and line."""
 
 import importlib.util
 import json
@@ -20,7 +24,7 @@ from advbct.data.decoding import ImageInput
 from advbct.evaluation.features import extract_features
 from advbct.evaluation.protocol import image_datasets, load_test_set
 from advbct.models import load_trained_model
-from helpers import REPO
+from helpers import REPO, call_main
 
 SCRIPT = REPO / "scripts" / "test.sh"
 IMG, BATCH = 32, 64
@@ -34,6 +38,34 @@ pytestmark = pytest.mark.slow
 def ckpts(random_checkpoint):
     """Random ResNet-18 models: ``new`` and ``old`` embed to 32 dims (different seeds), ``d16`` to 16."""
     return {"new": random_checkpoint(0, 32), "old": random_checkpoint(1, 32), "d16": random_checkpoint(2, 16)}
+
+
+def script_argv(dataset, root, new, old, save_dir, *extra):
+    """The arguments scripts/test.sh passes to tools/test.py (its default architectures, resnet18)."""
+    return ["--cfg", str(REPO / "configs" / "test_model.yml"), "NEW_MODEL.ARCH", "resnet18", "NEW_MODEL.WEIGHTS",
+            str(new), "OLD_MODEL.ARCH", "resnet18", "OLD_MODEL.WEIGHTS", str(old), "EVAL.DATASET_TYPE", "landmark",
+            "EVAL.DATASET", dataset, "EVAL.ROOT", str(root), *FAST, "EVAL.SAVE_DIR", str(save_dir), *extra]
+
+
+def load_test_tool():
+    """tools/test.py loaded as a module (its ``main(argv)`` is what scripts/test.sh runs)."""
+    spec = importlib.util.spec_from_file_location("advbct_test_tool", REPO / "tools" / "test.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def run_test_py(dataset, root, new, old, save_dir, *extra, cwd, monkeypatch, capfd, one_core=False):
+    """What ``run_test_sh`` runs, one process on the CPU, called in this process from ``cwd``: tools/test.py's
+    main with test.sh's arguments (``one_core``: one torch thread, as OMP_NUM_THREADS=1 gives the script)."""
+    monkeypatch.chdir(cwd)
+    threads = torch.get_num_threads()
+    if one_core:
+        torch.set_num_threads(1)
+    try:
+        return call_main(load_test_tool().main, script_argv(dataset, root, new, old, save_dir, *extra), capfd)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_test_sh(dataset, root, new, old, save_dir, *extra, cwd, ngpus=None, script=SCRIPT, one_core=False):
@@ -108,14 +140,36 @@ def flat(metrics):
 # ------------------------------------------------------------------------------------- end to end
 
 
+@pytest.fixture(scope="module")
+def roxford_runs(tiny_synthetic, ckpts, tmp_path_factory):
+    """scripts/test.sh on roxford5k (new against old) and scripts/test_old.sh (old alone), side by side on one
+    core each: ``{"both": (proc, its EVAL.SAVE_DIR), "old": ...}``, read by the recomputation test and the
+    test_old.sh test."""
+    folder = tmp_path_factory.mktemp("roxford_runs")
+    root = tiny_synthetic / "ROxfordParis"
+    with ThreadPoolExecutor(max_workers=2) as pool:   # both scripts at once, one core each
+        both = pool.submit(run_test_sh, "roxford5k", root, ckpts["new"], ckpts["old"], folder / "both",
+                           cwd=folder, one_core=True)
+        alone = pool.submit(run_test_sh, "roxford5k", root, None, ckpts["old"], folder / "old", cwd=folder,
+                            script=REPO / "scripts" / "test_old.sh", one_core=True)
+        return {"both": (both.result(), folder / "both"), "old": (alone.result(), folder / "old")}
+
+
 @pytest.mark.parametrize("dataset, sub", [("roxford5k", "ROxfordParis"), ("gldv2", "gldv2")])
-def test_results_equal_independent_recomputation(tiny_synthetic, ckpts, tmp_path, dataset, sub):
+def test_results_equal_independent_recomputation(tiny_synthetic, ckpts, request, tmp_path, dataset, sub):
     root = tiny_synthetic / sub
-    proc = run_test_sh(dataset, root, ckpts["new"], ckpts["old"], tmp_path / "eval", cwd=tmp_path)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if dataset == "roxford5k":   # the run test_old_sh_prints_the_old_self_test_of_test_sh compares with
+            proc, save_dir = request.getfixturevalue("roxford_runs")["both"]
+        else:
+            save_dir = tmp_path / "eval"
+            run = pool.submit(run_test_sh, dataset, root, ckpts["new"], ckpts["old"], save_dir, cwd=tmp_path)
+        expected = recompute(dataset, root, ckpts, tmp_path)   # (meanwhile, in this process)
+        if dataset != "roxford5k":
+            proc = run.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    result = json.loads((save_dir / "results.json").read_text())
     assert result["dataset"] == dataset and set(SECTIONS) <= set(result)
-    expected = recompute(dataset, root, ckpts, tmp_path)
     for section in SECTIONS:
         got, want = flat(result[section]), flat(expected[section])
         assert set(got) == set(want) and want
@@ -133,30 +187,24 @@ def test_results_equal_independent_recomputation(tiny_synthetic, ckpts, tmp_path
             m = result[section]["mAP"]
             line = next(ln for ln in out.splitlines() if ln.startswith(label))
             assert f"E {m['easy']:6.2f}  M {m['medium']:6.2f}  H {m['hard']:6.2f}" in line
-    assert f"results: {tmp_path / 'eval' / 'results.json'}" in out
+    assert f"results: {save_dir / 'results.json'}" in out
 
 
-def test_same_checkpoint_gives_cross_equal_self(tiny_synthetic, ckpts, tmp_path):
-    proc = run_test_sh("roxford5k", tiny_synthetic / "ROxfordParis", ckpts["new"], ckpts["new"],
-                       tmp_path / "eval", cwd=tmp_path)
+def test_same_checkpoint_gives_cross_equal_self(tiny_synthetic, ckpts, tmp_path, monkeypatch, capfd):
+    proc = run_test_py("roxford5k", tiny_synthetic / "ROxfordParis", ckpts["new"], ckpts["new"],
+                       tmp_path / "eval", cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert result["cross_test"] == result["self_test"] == result["old_self_test"]
     assert 0.0 < result["self_test"]["mAP"]["medium"] <= 100.0
 
 
-def test_old_sh_prints_the_old_self_test_of_test_sh(tiny_synthetic, ckpts, tmp_path):
+def test_old_sh_prints_the_old_self_test_of_test_sh(roxford_runs, ckpts):
     """scripts/test_old.sh (the release's old-model self-test) gives test.sh's "old self" numbers."""
-    root = tiny_synthetic / "ROxfordParis"
-    with ThreadPoolExecutor(max_workers=2) as pool:   # both scripts at once, one core each
-        both = pool.submit(run_test_sh, "roxford5k", root, ckpts["new"], ckpts["old"], tmp_path / "both",
-                           cwd=tmp_path, one_core=True)
-        alone = pool.submit(run_test_sh, "roxford5k", root, None, ckpts["old"], tmp_path / "old", cwd=tmp_path,
-                            script=REPO / "scripts" / "test_old.sh", one_core=True)
-        both, alone = both.result(), alone.result()
+    (both, both_dir), (alone, old_dir) = roxford_runs["both"], roxford_runs["old"]
     assert both.returncode == 0 and alone.returncode == 0, (both.stderr[-2000:], alone.stderr[-2000:])
-    full = json.loads((tmp_path / "both" / "results.json").read_text())
-    old = json.loads((tmp_path / "old" / "results.json").read_text())
+    full = json.loads((both_dir / "results.json").read_text())
+    old = json.loads((old_dir / "results.json").read_text())
     assert set(SECTIONS) & set(old) == {"self_test"} and old["new_model"]["weights"] == ckpts["old"]
     assert old["self_test"] == full["old_self_test"] and old["self_test"] != full["self_test"]
     numbers = re.compile(r"mAP E +[\d.]+ +M +[\d.]+ +H +[\d.]+")
@@ -167,37 +215,50 @@ def test_old_sh_prints_the_old_self_test_of_test_sh(tiny_synthetic, ckpts, tmp_p
 
 # -------------------------------------------------------------------------------------- bad input
 # Every refusal below is a case: ``prepare(folder, tiny_synthetic, ckpts)`` lays out its input in a folder of
-# its own and returns the arguments of its run and what its test needs. The ``refusals`` fixture starts the
-# runs of the selected tests up front, two at a time on one core each (a run refused before any image is
-# embedded costs little more than starting Python); each test then checks its own run.
+# its own and returns the arguments of its run and what its test needs. A case registered with
+# ``script=True`` runs scripts/test.sh in a fresh process: the ``refusals`` fixture starts those of the
+# selected tests up front, two at a time on one core each (a run refused before any image is embedded costs
+# little more than starting Python with torch). The others call tools/test.py's main (what test.sh execs) in
+# this process when their test asks for their run; each test then checks its own run.
 CASES = {}
+SCRIPT_CASES = set()
 
 
-def case(name):
-    """Register the decorated ``prepare`` as the case of the test named ``name``."""
+def case(name, script=False):
+    """Register the decorated ``prepare`` as the case of the test named ``name`` (``script``: through
+    scripts/test.sh in a fresh process)."""
     def register(prepare):
         CASES[name] = prepare
+        if script:
+            SCRIPT_CASES.add(name)
         return prepare
     return register
 
 
 @pytest.fixture(scope="module")
 def refusals(request, selected, tiny_synthetic, ckpts, tmp_path_factory):
-    """``{test name: (future of its run, its folder, what its prepare returned)}`` for the selected tests."""
+    """``{test name: (its run: a future, or its arguments to run in process, its folder, what its prepare
+    returned)}`` for the selected tests."""
     wanted = [name for name in CASES if f"{request.node.nodeid}::{name}" in selected]
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = {}
         for name in wanted:
             folder = tmp_path_factory.mktemp("refusal")
             args, options, context = CASES[name](folder, tiny_synthetic, ckpts)
-            runs[name] = (pool.submit(run_test_sh, *args, cwd=folder, one_core=True, **options), folder, context)
+            run = (pool.submit(run_test_sh, *args, cwd=folder, one_core=True, **options) if name in SCRIPT_CASES
+                   else args)
+            runs[name] = (run, folder, context)
         yield runs
 
 
 def refused(refusals, request):
-    """The calling test's run (waited for), its folder and its context."""
-    future, folder, context = refusals[request.node.name]
-    return future.result(), folder, context
+    """The calling test's run (waited for, or run now in this process), its folder and its context."""
+    run, folder, context = refusals[request.node.name]
+    if isinstance(run, tuple):
+        run = run_test_py(*run, cwd=folder, monkeypatch=request.getfixturevalue("monkeypatch"),
+                          capfd=request.getfixturevalue("capfd"))
+        return run, folder, context
+    return run.result(), folder, context
 
 
 def assert_user_error(proc, *fragments, dataset_doc=False):
@@ -219,7 +280,7 @@ def rox_copy(folder, tiny_synthetic):
     return root
 
 
-@case("test_missing_root")
+@case("test_missing_root", script=True)
 def prepare_missing_root(folder, tiny, ckpts):
     root = folder / "no_such_root"
     return ("roxford5k", root, ckpts["new"], ckpts["old"], folder / "e"), {}, root
@@ -320,7 +381,7 @@ def test_missing_checkpoint(refusals, request):
     assert_user_error(proc, absent, "OLD_MODEL.WEIGHTS")
 
 
-@case("test_two_processes_one_line_when_only_rank1_fails")
+@case("test_two_processes_one_line_when_only_rank1_fails", script=True)
 def prepare_two_processes_one_line_when_only_rank1_fails(folder, tiny, ckpts):
     root = rox_copy(folder, tiny)
     victim = Path(load_test_set("roxford5k", str(root)).gallery_paths[-1])
@@ -368,21 +429,23 @@ def test_several_sets_bad_input_fails_before_any_set_is_scored(refusals, request
     assert "queries" not in proc.stderr and not (folder / "e").exists()   # nothing embedded, nothing written
 
 
-def test_several_sets_in_one_process_equal_one_run_each(tiny_synthetic, ckpts, tmp_path):
+def test_several_sets_in_one_process_equal_one_run_each(tiny_synthetic, ckpts, tmp_path, monkeypatch, capfd):
     """``EVAL.DATASET rparis6k,roxford5k,gldv2`` writes, per set, the results.json (and a config.yaml of that
-    set alone) that a run on the set alone writes; the models are loaded once."""
+    set alone) that a run on the set alone writes; the models are loaded once. The three sets through test.sh,
+    one core; meanwhile the run of each set alone, in this process (tools/test.py's main), one thread too."""
     rev, gld = tiny_synthetic / "ROxfordParis", tiny_synthetic / "gldv2"
     extra = ["EVAL.BACKFILL", "true"]
     sets = (("rparis6k", rev), ("roxford5k", rev), ("gldv2", gld))
-    with ThreadPoolExecutor(max_workers=2) as pool:   # the four runs two at a time, one core each
+    with ThreadPoolExecutor(max_workers=1) as pool:
         together = pool.submit(run_test_sh, "rparis6k,roxford5k,gldv2", f"{rev},{rev},{gld}", ckpts["new"],
                                ckpts["old"], tmp_path / "all", *extra, cwd=tmp_path, one_core=True)
-        runs = {dataset: pool.submit(run_test_sh, dataset, root, ckpts["new"], ckpts["old"], tmp_path / dataset,
-                                     *extra, cwd=tmp_path, one_core=True) for dataset, root in sets}
+        runs = {dataset: run_test_py(dataset, root, ckpts["new"], ckpts["old"], tmp_path / dataset, *extra,
+                                     cwd=tmp_path, monkeypatch=monkeypatch, capfd=capfd, one_core=True)
+                for dataset, root in sets}
         proc = together.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     for dataset, root in sets:
-        alone = runs[dataset].result()
+        alone = runs[dataset]
         assert alone.returncode == 0, alone.stderr[-3000:]
         want = json.loads((tmp_path / dataset / "results.json").read_text())
         got = json.loads((tmp_path / "all" / dataset / "results.json").read_text())

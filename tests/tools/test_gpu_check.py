@@ -175,9 +175,10 @@ def test_a_failing_or_hanging_command_is_reported(gc, tmp_path):
                       what="gpu old model")
     assert str(exc.value) == f"gpu old model exited 2: error: DATA.ROOT not found (log: {log})"
     marker = tmp_path / "still-running"
+    start = time.monotonic()
     with pytest.raises(gc.StepFailed, match=r"^sleeper timed out after 1 s"):
         gc.run_logged(["bash", "-c", f"(sleep 2; touch {marker}) & sleep 60"], str(log), 1, what="sleeper")
-    time.sleep(2.5)
+    time.sleep(max(0.0, start + 2.5 - time.monotonic()))   # the child would have touched it 2 s after its start
     assert not marker.exists()
     assert "$ bash -c 'echo working;" in log.read_text()  # every command is logged before its output
 
