@@ -17,9 +17,14 @@ XLABEL = "gallery refreshed by the new model (%)"
 def model_labels():
     """Legend label of each model folder: phi* for independent training, each registered compatibility
     method's plot label (advbct/losses/registry.py; imported here, when a report is drawn)."""
+    from advbct.losses.build import needs_transformation
     from advbct.losses.registry import plot_labels
 
-    return {"independent": "phi*", **plot_labels()}
+    labels = plot_labels()
+    # a mapped method's model tested through the training-free Procrustes map (the <name>_procrustes table rows)
+    procrustes = {f"{name}_procrustes": f"{label} (Procrustes)" for name, label in labels.items()
+                  if needs_transformation({"TYPE": name})}
+    return {"independent": "phi*", **labels, **procrustes}
 
 
 def _results(eval_dir):

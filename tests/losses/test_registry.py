@@ -176,7 +176,7 @@ def test_built_in_methods_labels_and_order():
                         "advbct": "AdvBCT", "l2": "L2", "mixbct": "MixBCT", "fct": "FCT"}
     assert model_labels() == {"independent": "phi*", "bct": "BCT", "lce": "LCE", "unibct": "UniBCT",
                               "hot_refresh": "Hot-refresh", "advbct": "AdvBCT", "l2": "L2",
-                              "mixbct": "MixBCT", "fct": "FCT"}
+                              "mixbct": "MixBCT", "fct": "FCT", "fct_procrustes": "FCT (Procrustes)"}
     assert dict(LOSSES) == {name: get_method(name).loss_class for name in BUILT_IN}
 
 
