@@ -2,7 +2,8 @@
 
 split by class (make_allocation) -> scripts/train_old.sh -> scripts/extract_meta.sh -> scripts/train_new.sh
 for every method (bct, lce, unibct, hot_refresh, advbct, l2 and phi* without COMP_LOSS) ->
-scripts/test.sh on roxford5k; then the same scripts with a timm backbone (timm:convnext_atto). Tiny on purpose
+scripts/test.sh on roxford5k; a BCT chain of three generations from that old model (the plan of
+scripts/reproduce_generations.sh); then the same scripts with a timm backbone (timm:convnext_atto). Tiny on purpose
 (32 px, 32-d embedding, 2 iterations of 8 images per epoch): the assertions are about the pipeline's contracts
 and the logged values, not about accuracy.
 """
@@ -11,10 +12,12 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -27,6 +30,8 @@ from advbct.evaluation.features import extract_features
 from advbct.evaluation.protocol import image_datasets, load_test_set, score
 from advbct.meta import load_meta
 from advbct.models import load_trained_model
+from advbct.pipelines.generations import generation_steps, parse_chain, resolve_chain
+from advbct.pipelines.steps import run_steps
 from helpers import REPO, run_pipeline_steps
 
 EMB = 32
@@ -231,6 +236,68 @@ def test_evaluate_roxford(base, trained):
 
 # --------------------------------------------------------------------------------- a timm backbone end to end
 
+
+CHAIN_SHRINK = ("DATA.IMG_SIZE", "32", "EVAL.IMG_SIZE", "32", "MODEL.EMB_DIM", str(EMB), "TRAIN.EPOCHS", "1",
+                "TRAIN.MAX_ITERS_PER_EPOCH", "2", "TRAIN.BATCH_SIZE", "8", "DATA.NUM_WORKERS", "0",
+                "EVAL.NUM_WORKERS", "0")
+
+
+def _writable_copy(tiny, data):
+    """DATA with its own gldv2/ folder (the chain's lists are written there), everything else linked."""
+    data.mkdir()
+    for entry in Path(tiny).iterdir():
+        if entry.name == "gldv2":
+            (data / "gldv2").mkdir()
+            for item in entry.iterdir():
+                (data / "gldv2" / item.name).symlink_to(item)
+        elif entry.is_file():
+            shutil.copy(entry, data / entry.name)
+        else:
+            (data / entry.name).symlink_to(entry)
+
+
+def test_a_chain_of_three_bct_generations(base, tiny_synthetic, tmp_path, monkeypatch, capsys):
+    """The plan of scripts/reproduce_generations.sh (r18 0.3 -> 0.6 -> 1.0, BCT), its gen1 the old model above
+    (trained on the 30 % class list, which is the chain's first list to the byte): what each later generation
+    trained on and against, and the matrix (every pair, in the chain's order) with its AC and AM. (The meta steps
+    of a method that reads one: tests/pipelines/test_generations_plan.py.)"""
+    data, out, pretrain = tmp_path / "data", tmp_path / "out", tmp_path / "pretrain"
+    _writable_copy(tiny_synthetic, data)
+    (pretrain / "r18").mkdir(parents=True)
+    shutil.copy(base["pretrain"] / "final.pth", pretrain / "r18" / "final.pth")
+    (out / "gen1").mkdir(parents=True)
+    shutil.copy(base["old"] / "final.pth", out / "gen1" / "final.pth")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("NGPUS", "1")
+    chain = resolve_chain("class", ["bct"], parse_chain("r18:0.3,r18:0.6,r18:1.0"), "tiny", str(data),
+                          out=str(out), pretrain_root=str(pretrain))
+    run_steps(generation_steps(chain, extra=CHAIN_SHRINK))
+    console = capsys.readouterr().out
+    assert f"[done] gen1 (r18, 0.3 of the class)  ({out}/gen1/final.pth)" in console
+    lists = [data / "gldv2" / f"gldv2_train_chain_{s}_class.txt" for s in ("30", "30-60", "30-60-100")]
+    assert lists[0].read_text() == Path(base["split"]["files"]["old"]).read_text()
+
+    # what each later generation trained on and against (classes: 12, 24, 40 of tiny's 40)
+    runs = [out / "gen1", out / "bct" / "gen2", out / "bct" / "gen3"]
+    for k in (1, 2):
+        state = load(runs[k] / "final.pth")
+        assert state["num_classes"] == (24, 40)[k - 1] and state["config"]["DATA"]["TRAIN_LIST"] == str(lists[k])
+        assert state["config"]["OLD_MODEL"]["WEIGHTS"] == str(runs[k - 1] / "final.pth")
+
+    # the matrix of the chain's checkpoints in order, its AC and AM recomputed from its entries
+    result = json.loads((out / "bct" / "matrix" / "matrix.json").read_text())
+    assert [g["weights"] for g in result["generations"]] == [str(r / "final.pth") for r in runs]
+    assert list(result["sets"]) == ["rparis6k", "roxford5k", "gldv2"]
+    for entry in result["sets"].values():
+        c = entry["matrix"]
+        pairs = [(i, j) for i in range(3) for j in range(i)]
+        assert all(c[i][j] is None for i in range(3) for j in range(i + 1, 3))
+        assert entry["AC"] == pytest.approx(sum(c[i][j] > c[j][j] for i, j in pairs) / 3)
+        assert entry["AM"] == pytest.approx(np.mean([c[i][j] for i in range(3) for j in range(i + 1)]))
+        assert [(p["query"], p["gallery"]) for p in entry["pairs"]] == [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3)]
+    summary = json.loads((out / "generations.json").read_text())
+    assert summary["methods"]["BCT"]["gldv2"]["AC"] == result["sets"]["gldv2"]["AC"]
+    assert os.path.getsize(out / "bct" / "matrix" / "matrix.png") > 0
 
 def run_script_offline(script, *args, env_extra=None):
     """run_script with HF_HUB_OFFLINE=1 (a timm backbone built from random init looks nothing up), on one core."""
