@@ -21,12 +21,18 @@ from advbct.io import atomic_open
 SEED = 666
 
 
+def _class_order(num_classes, seed=SEED):
+    """The release's seeded class order: the first int(C * ratio) classes are the old ones."""
+    order = np.arange(num_classes)
+    np.random.RandomState(seed).shuffle(order)  # == np.random.seed(666); np.random.shuffle (legacy)
+    return order
+
+
 def split_by_class(labels, ratio=0.3, seed=SEED):
     """Return ``(old_mask over images, old_labels, new_labels)`` (old_labels valid where old_mask)."""
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = int(labels.max()) + 1
-    order = np.arange(num_classes)
-    np.random.RandomState(seed).shuffle(order)  # == np.random.seed(666); np.random.shuffle (legacy)
+    order = _class_order(num_classes, seed)
     is_old = np.zeros(num_classes, dtype=bool)
     is_old[order[: int(num_classes * ratio)]] = True
     n_old = int(is_old.sum())
@@ -60,18 +66,28 @@ def _write_list(path, paths, labels):
         f.write("".join(f"{p} {int(l)}\n" for p, l in zip(paths, labels)))
 
 
-def make_allocation(list_path, by, ratio=0.3, out_dir=None, dataset="gldv2"):
-    """Write the old and new lists for ``by`` in {class, data}; return a summary dict with the paths."""
+def _check_by(by):
     if by not in ("class", "data"):
         raise UserError(f"--by must be 'class' or 'data', got '{by}'")
-    if not 0.0 < ratio < 1.0:
-        raise UserError(f"--ratio must be in (0, 1), got {ratio}")
+
+
+def _read_full_list(list_path, out_dir):
+    """The full train list's ``(paths, labels)`` as arrays (an empty list refused) and the output folder
+    (default: the list's own), created."""
     paths, labels = read_image_list(list_path)
     if len(labels) == 0:
         raise UserError(f"{list_path}: the list is empty")
     out_dir = out_dir or os.path.dirname(os.path.abspath(list_path))
     os.makedirs(out_dir, exist_ok=True)
-    paths = np.asarray(paths, dtype=str)
+    return np.asarray(paths, dtype=str), np.asarray(labels, dtype=np.int64), out_dir
+
+
+def make_allocation(list_path, by, ratio=0.3, out_dir=None, dataset="gldv2"):
+    """Write the old and new lists for ``by`` in {class, data}; return a summary dict with the paths."""
+    _check_by(by)
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"--ratio must be in (0, 1), got {ratio}")
+    paths, labels, out_dir = _read_full_list(list_path, out_dir)
     order = np.argsort(labels, kind="stable")
     pct = int(ratio * 100)
     if by == "class":
@@ -98,8 +114,7 @@ def _class_generations(labels, ratios, seed=SEED):
     """Per class, the first generation (0-based) that trains on it: the seeded class order of
     :func:`split_by_class`, its first ``int(C * ratio_k)`` classes in generation k (nested prefixes)."""
     num_classes = int(labels.max()) + 1
-    order = np.arange(num_classes)
-    np.random.RandomState(seed).shuffle(order)
+    order = _class_order(num_classes, seed)
     first = np.full(num_classes, len(ratios) - 1, dtype=np.int64)
     for k in reversed(range(len(ratios))):
         first[order[: int(num_classes * ratios[k])]] = k
@@ -158,23 +173,16 @@ def chain_list_name(ratios, by, dataset="gldv2"):
 def make_chain_allocation(list_path, by, ratios, out_dir=None, dataset="gldv2"):
     """Write one train list per generation of a chain (``ratios``: each generation's share of the classes or
     of every class's images, increasing); return a summary with the paths, oldest first."""
-    if by not in ("class", "data"):
-        raise UserError(f"--by must be 'class' or 'data', got '{by}'")
+    _check_by(by)
     ratios = check_chain_ratios(ratios)
-    paths, labels = read_image_list(list_path)
-    if len(labels) == 0:
-        raise UserError(f"{list_path}: the list is empty")
-    out_dir = out_dir or os.path.dirname(os.path.abspath(list_path))
-    os.makedirs(out_dir, exist_ok=True)
-    paths = np.asarray(paths, dtype=str)
-    labels = np.asarray(labels, dtype=np.int64)
+    paths, labels, out_dir = _read_full_list(list_path, out_dir)
     if by == "class":
         generation, chain = chain_labels(labels, ratios)
     else:
         generation, chain = data_generations(labels, ratios), labels
     order = np.argsort(labels, kind="stable")  # grouped by class in increasing original id, as make_allocation
     files, summary = [], []
-    for k in range(len(ratios)):
+    for k in range(len(ratios)):  # nested: only the first generation can be empty, before anything is written
         idx = order[generation[order] <= k]
         if len(idx) == 0:
             raise UserError(f"--chain: generation {k + 1} (share {ratios[k]}) gets no image of {list_path}")

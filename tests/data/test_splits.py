@@ -165,3 +165,12 @@ def test_a_chain_that_is_no_chain_is_refused(tmp_path, ratios, message):
     with pytest.raises(UserError, match=message):
         make_chain_allocation(str(tmp_path / "list.txt"), "class", ratios)
     assert sorted(os.listdir(tmp_path)) == ["list.txt"]
+
+
+def test_a_generation_without_images_is_refused_before_any_list_is_written(tmp_path):
+    from advbct.data.splits import make_chain_allocation
+
+    _write_list(tmp_path / "list.txt", [0, 1, 2, 3] * 3)  # 4 classes: 10 % of them is none
+    with pytest.raises(UserError, match="--chain: generation 1 \\(share 0.1\\) gets no image of"):
+        make_chain_allocation(str(tmp_path / "list.txt"), "class", [0.1, 1.0], out_dir=str(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
