@@ -30,11 +30,15 @@ def check_matrix(matrix) -> np.ndarray:
     return c
 
 
+def _compatible(c) -> np.ndarray:
+    """Per pair i > j (row-major order of the strict lower triangle): C[i][j] > C[j][j]."""
+    i, j = np.tril_indices(len(c), k=-1)
+    return c[i, j] > c[j, j]
+
+
 def ac_score(matrix) -> float:
     """AC in [0, 1]: the share of the pairs i > j with C[i][j] > C[j][j]."""
-    c = check_matrix(matrix)
-    i, j = np.tril_indices(len(c), k=-1)
-    return float(np.mean(c[i, j] > c[j, j]))
+    return float(np.mean(_compatible(check_matrix(matrix))))
 
 
 def am_score(matrix) -> float:
@@ -61,8 +65,8 @@ def matrix_markdown(names, sets) -> str:
 
 
 def _pairs(c) -> str:
-    i, j = np.tril_indices(len(c), k=-1)
-    return f"{int(np.sum(c[i, j] > c[j, j]))} of {len(i)}"
+    compatible = _compatible(c)
+    return f"{int(compatible.sum())} of {compatible.size}"
 
 
 def write_heatmap(names, sets, path, title="") -> bool:

@@ -50,15 +50,19 @@ def parse_chain(text):
 
 
 def _check_methods(text):
-    from advbct.losses.registry import get_method, list_methods
+    """Registered methods, each named once, that train compatibility into the model itself (a method whose
+    cross test maps the old gallery, FCT, has no chain of maps here)."""
+    from advbct.losses.build import needs_transformation
+    from advbct.losses.registry import get_method
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods or len(set(methods)) != len(methods):
         raise UserError(f"--methods {text}: expected distinct method names, e.g. {DEFAULT_METHODS}")
     for m in methods:
-        if m not in list_methods():
-            get_method(m)  # the one-line error listing the registered methods
-            raise UserError(f"--methods: unknown method '{m}'")
+        get_method(m)  # an unknown name: the one-line error listing the registered methods
+        if needs_transformation({"TYPE": m}):
+            raise UserError(f"--methods {m}: its cross test maps the old gallery (EVAL.OLD_TRANSFORM), which a "
+                            f"chain of generations does not fit; choose methods that train compatibility in")
     return methods
 
 

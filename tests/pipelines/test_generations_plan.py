@@ -24,6 +24,7 @@ def test_defaults():
     (["class", "--chain", "r18-0.3,r18:1.0"], "expected BACKBONE:SHARE per generation"),
     (["class", "--methods", "advbct,nope"], "COMP_LOSS.TYPE 'nope': expected '' \\(none\\) or one of"),
     (["class", "--methods", "bct,bct"], "--methods bct,bct: expected distinct method names"),
+    (["class", "--methods", "advbct,fct"], "--methods fct: its cross test maps the old gallery"),
     (["class", "--methods"], "--methods needs a value"),
     (["class", "--synthetic", "huge"], "--synthetic huge: expected one of"),
     (["both"], "unknown allocation 'both'"),
