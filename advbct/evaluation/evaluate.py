@@ -16,7 +16,7 @@ from advbct.evaluation import backfill, feature_cache, test_sets
 from advbct.evaluation.protocol import evaluate_models, load_test_set
 from advbct.io import write_json_atomic
 from advbct.losses.build import needs_transformation
-from advbct.models import check_same_embedding, load_checkpoint, load_trained_model
+from advbct.models import check_same_embedding, load_trained_model, read_checkpoint
 from advbct.models.transformation import load_transformation
 
 
@@ -160,12 +160,13 @@ def write_results(save_dir, cfg, result):
     return path
 
 
-def check_needs_transformation(cfg):
-    """Refuse the cross test of a new model whose training method maps old embeddings afterwards (FCT: its
-    checkpoint's saved COMP_LOSS.TYPE, read through the method registry) when EVAL.OLD_TRANSFORM is empty."""
-    if cfg.EVAL.OLD_TRANSFORM or not cfg.OLD_MODEL.WEIGHTS or not os.path.isfile(cfg.NEW_MODEL.WEIGHTS):
-        return  # (a missing checkpoint is named by load_trained_model)
-    saved = load_checkpoint(cfg.NEW_MODEL.WEIGHTS).get("config")  # memory-mapped: the weights are not copied
+def check_needs_transformation(cfg, new_checkpoint):
+    """Refuse the cross test of a new model whose training method maps old embeddings afterwards (FCT: the
+    saved COMP_LOSS.TYPE of ``new_checkpoint``, the new model's checkpoint dict, read through the method
+    registry) when EVAL.OLD_TRANSFORM is empty."""
+    if cfg.EVAL.OLD_TRANSFORM or not cfg.OLD_MODEL.WEIGHTS:
+        return
+    saved = new_checkpoint.get("config")
     comp = saved.get("COMP_LOSS") if isinstance(saved, dict) else None
     try:  # another release's config (the original's yacs one) may hold other keys and types: not a method here
         needs = isinstance(comp, dict) and needs_transformation(comp)
@@ -200,8 +201,10 @@ def run_evaluation(cfg):
         if with_old and cfg.EVAL.OLD_FEATURES_CACHE:
             feature_cache.check_directory(cfg.EVAL.OLD_FEATURES_CACHE)
         transform = load_transformation(cfg.EVAL.OLD_TRANSFORM, device=device) if cfg.EVAL.OLD_TRANSFORM else None
-        check_needs_transformation(cfg)
-        new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device)
+        new_checkpoint = read_checkpoint(cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS")  # read once, for both
+        check_needs_transformation(cfg, new_checkpoint)
+        new = load_trained_model(cfg.NEW_MODEL.ARCH, cfg.NEW_MODEL.WEIGHTS, "NEW_MODEL.WEIGHTS", device=device,
+                                 checkpoint=new_checkpoint)
         old = (load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
                if with_old else None)
         if with_old and transform is None:  # each checkpoint is read once, by load_trained_model

@@ -12,10 +12,11 @@ from advbct.errors import UserError
 from advbct.models.checkpoint import load_checkpoint, load_model_weights
 from advbct.models.network import build_model
 
-__all__ = ["check_finite_weights", "check_same_embedding", "checkpoint_shapes", "load_trained_model"]
+__all__ = ["check_finite_weights", "check_same_embedding", "checkpoint_shapes", "load_trained_model",
+           "read_checkpoint"]
 
 
-def _read(path, key) -> dict:
+def read_checkpoint(path, key) -> dict:
     """The checkpoint dict at ``path``; UserError naming config ``key`` when it is empty or absent."""
     if not path:
         raise UserError(f"{key} is empty: give the checkpoint path")
@@ -41,13 +42,14 @@ def checkpoint_shapes(path, key):
 
     ``key`` is the config key that named the file, for the error message.
     """
-    return _shapes(_read(path, key), path, key)
+    return _shapes(read_checkpoint(path, key), path, key)
 
 
-def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu"):
+def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu", checkpoint=None):
     """Build ``arch`` with the embedding size (and classifier) found in checkpoint ``path`` and load it
-    (the file is read once, for its shapes and its weights)."""
-    ckpt = _read(path, key)
+    (the file is read once, for its shapes and its weights; ``checkpoint``: its dict, already read by
+    :func:`read_checkpoint`)."""
+    ckpt = read_checkpoint(path, key) if checkpoint is None else checkpoint
     embed_dim, num_classes = _shapes(ckpt, path, key)
     model = build_model(arch, embed_dim=embed_dim,
                         num_classes=num_classes if with_classifier else 0, pretrained=False)

@@ -155,6 +155,11 @@ def refused(tmp_path, monkeypatch, embedded, new, *extra):
 
 def test_run_evaluation_records_the_transformation(checkpoints, embedded, tmp_path, monkeypatch):
     c = checkpoints
+    import torch
+
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
     save, (result,) = run(tmp_path, monkeypatch, c["marked"], "OLD_MODEL.WEIGHTS", c["old"],
                           "EVAL.OLD_TRANSFORM", c["right"])
     (new_q, _), (_, old_g) = embedded["features"]["new"], embedded["features"]["old"]
@@ -162,6 +167,12 @@ def test_run_evaluation_records_the_transformation(checkpoints, embedded, tmp_pa
     assert written["old_transform"] == {"path": c["right"], "kind": "procrustes"}
     assert written["cross_test"] == json.loads(json.dumps(score(make_set(), new_q, old_g @ W)))
     assert result["old_transform"] == written["old_transform"]
+    # each file read once (the new checkpoint: its saved config, is it FCT's?, and its weights from one read),
+    # with a transformation and in the plain cross test of a model that needs none
+    assert sorted(p for p in reads if p.endswith(".pth")) == sorted([c["marked"], c["old"], c["right"]])
+    reads.clear()
+    run(tmp_path, monkeypatch, c["new"], "OLD_MODEL.WEIGHTS", c["old"])
+    assert sorted(p for p in reads if p.endswith(".pth")) == sorted([c["new"], c["old"]])
 
 
 def test_run_evaluation_refusals(checkpoints, embedded, tmp_path, monkeypatch):
