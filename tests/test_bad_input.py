@@ -115,6 +115,9 @@ CASES = [
     Case("split-bad-ratio", "split_dataset", ("--list", "{w}/train.txt", "--by", "class", "--ratio", "1.5",
                                               "--out-dir", "{w}/fresh"), "ratio"),
     Case("split-bad-by", "split_dataset", ("--list", "{w}/train.txt", "--by", "colour"), "--by"),
+    Case("split-chain-and-ratio", "split_dataset", ("--list", "{w}/train.txt", "--by", "class", "--ratio", "0.3",
+                                                    "--chain", "0.3,1.0", "--out-dir", "{w}/fresh"),
+         "argument --chain: not allowed with argument --ratio"),
     Case("split-chain-of-one", "split_dataset", ("--list", "{w}/train.txt", "--by", "class", "--chain", "1.0",
                                                  "--out-dir", "{w}/fresh"), "a chain needs at least two generations"),
     Case("table-missing-json", "make_table", ("--from-json", "{w}/none.json"), "{w}/none.json"),
@@ -295,4 +298,4 @@ def test_the_battery_covers_every_entry_point():
     assert len(CASES) + len(SCRIPT_CASES) == BATTERY_SIZE
 
 
-BATTERY_SIZE = 75  # docs/USAGE.md states it
+BATTERY_SIZE = 76  # docs/USAGE.md states it

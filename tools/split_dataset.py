@@ -15,8 +15,9 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--list", required=True, help="full train list ('relative/path label' lines)")
     p.add_argument("--by", required=True, choices=["class", "data"], help="allocation type")
-    p.add_argument("--ratio", type=float, default=0.3, help="old share (default 0.3)")
-    p.add_argument("--chain", default=None, help="comma-separated shares of a chain of generations, e.g. "
+    shares = p.add_mutually_exclusive_group()
+    shares.add_argument("--ratio", type=float, default=0.3, help="old share (default 0.3)")
+    shares.add_argument("--chain", default=None, help="comma-separated shares of a chain of generations, e.g. "
                    "0.3,0.6,1.0: one train list per generation instead of the old/new pair")
     p.add_argument("--out-dir", default=None, help="where to write the lists (default: next to --list)")
     p.add_argument("--dataset", default="gldv2", help="prefix of the written file names")

@@ -306,16 +306,16 @@ def _later_methods(block):
     from advbct.losses.build import needs_transformation
     from advbct.losses.registry import labels, list_methods
 
-    paper = set(list_methods(paper_rows=True))
+    paper, names = set(list_methods(paper_rows=True)), labels()
     rows = []
     for name in list_methods():
         config = f"{block.cfg}/{name}.yml"
         if name in paper or not os.path.isfile(config):
             continue
         mapped = needs_transformation(load_config(config).COMP_LOSS)
-        rows.append((name, labels()[name], mapped))
+        rows.append((name, names[name], mapped))
         if mapped and os.path.isfile(f"{block.cfg}/{name}_procrustes.yml"):
-            rows.append((f"{name}_procrustes", f"{labels()[name]} (Procrustes)", True))
+            rows.append((f"{name}_procrustes", f"{names[name]} (Procrustes)", True))
     return rows
 
 
