@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from advbct import distributed as dist
 from advbct.errors import UserError
-from advbct.losses import LOSSES, build_compat_loss
+from advbct.losses import LOSSES, build_compat_loss, get_method
 from advbct.losses.build import needs_transformation
 from advbct.meta import ClassMeta
 from helpers import free_port
@@ -58,8 +58,9 @@ def test_every_loss_output_is_on_the_features_device(kind):
     (shapes, no data) shows where each output lives; the losses run their GPU path (masking, no compaction)."""
     gen = torch.Generator().manual_seed(0)
     classes, dim = 5, 8
+    meta_classes = 10 if get_method(kind).meta_classes == "train" else classes  # BT²: every class of the batch
     loss = build_compat_loss({"TYPE": kind}, embed_dim=dim, num_old_classes=classes, total_epochs=3,
-                             meta=_meta(classes, dim, gen), old_classifier_weight=torch.randn(classes, dim))
+                             meta=_meta(meta_classes, dim, gen), old_classifier_weight=torch.randn(classes, dim))
     for module in loss.modules():
         if hasattr(module, "compact_rows"):
             module.compact_rows = False
@@ -68,7 +69,8 @@ def test_every_loss_output_is_on_the_features_device(kind):
     feat = torch.randn(6, dim, generator=gen).to(meta_device).requires_grad_()
     out = loss(feat, torch.randn(6, dim, generator=gen).to(meta_device),
                torch.tensor([0, 1, 2, 7, 8, 9]).to(meta_device), progress=0.3, epoch=1,
-               new_classifier_weight=torch.randn(10, dim).to(meta_device))
+               new_classifier_weight=torch.randn(10, dim).to(meta_device),
+               aux={name: torch.randn(6, dim, generator=gen).to(meta_device) for name in loss.aux_inputs})
     assert {k: v.device.type for k, v in out.items()} == {k: "meta" for k in out}
     if kind == "advbct":
         assert {"alpha", "adv_weight", "boundary", "adversarial"} <= set(out)

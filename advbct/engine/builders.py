@@ -4,7 +4,7 @@ from advbct.data.decoding import image_input
 from advbct.data.image_list import ImageListDataset, read_image_list
 from advbct.errors import UserError
 from advbct.losses import build_compat_loss, needs_meta
-from advbct.losses.build import needs_transformation
+from advbct.losses.build import meta_classes, needs_transformation, new_model_head, teacher_checkpoint
 from advbct.meta import load_meta
 from advbct.models import build_model, checkpoint_shapes, load_model_weights, load_trained_model
 
@@ -21,11 +21,13 @@ def build_train_dataset(cfg, device, num_classes=None):
 
 
 def build_new_model(cfg, num_classes):
+    """The model being trained; its embedding head is the configured method's (BT²'s) or the plain one."""
     model = build_model(cfg.MODEL.ARCH, embed_dim=cfg.MODEL.EMB_DIM, num_classes=num_classes,
                         classifier=cfg.LOSS.TYPE, pretrained=cfg.MODEL.PRETRAINED,
                         weights_path=cfg.MODEL.PRETRAINED_PATH or None,
                         scale=cfg.LOSS.SCALE, margin=cfg.LOSS.MARGIN,
-                        zero_init_residual=cfg.MODEL.ZERO_INIT_RESIDUAL)
+                        zero_init_residual=cfg.MODEL.ZERO_INIT_RESIDUAL,
+                        head=new_model_head(cfg.COMP_LOSS, old_dim=cfg.MODEL.EMB_DIM))
     if cfg.MODEL.WEIGHTS:
         load_model_weights(model, cfg.MODEL.WEIGHTS)
     return model
@@ -61,9 +63,11 @@ def build_compatibility(cfg, num_classes, device):
             raise UserError(f"COMP_LOSS.TYPE {kind} needs the old-class meta: set COMP_LOSS.META_PATH "
                             f"(made by scripts/extract_meta.sh)")
         meta = load_meta(meta_path, device=device)
-        if meta.num_classes != num_old:
-            raise UserError(f"COMP_LOSS.META_PATH {meta_path} holds {meta.num_classes} classes but the "
-                            f"old model has {num_old}")
+        covers, want = (("the old model has", num_old) if meta_classes(cfg.COMP_LOSS) == "old" else
+                        ("DATA.TRAIN_LIST has", num_classes))
+        if meta.num_classes != want:
+            raise UserError(f"COMP_LOSS.META_PATH {meta_path} holds {meta.num_classes} classes but {covers} "
+                            f"{want}")
     old_weight = old_model.classifier.weight.detach() if old_model.classifier is not None else None
     loss = build_compat_loss(cfg.COMP_LOSS, embed_dim=cfg.MODEL.EMB_DIM, num_old_classes=num_old,
                              total_epochs=cfg.TRAIN.EPOCHS, meta=meta,
@@ -71,3 +75,17 @@ def build_compatibility(cfg, num_classes, device):
                              scale=cfg.LOSS.SCALE, margin=cfg.LOSS.MARGIN)
     return old_model, loss.to(device)
 
+
+
+def build_teacher(cfg, device):
+    """The frozen model whose embeddings of each batch the configured method reads (BT²'s φ*, MODEL.ARCH), or
+    None; its embedding size must be MODEL.EMB_DIM, the size of the new branch it is matched to."""
+    found = teacher_checkpoint(cfg.COMP_LOSS)
+    if found is None:
+        return None
+    key, path = found
+    teacher = load_trained_model(cfg.MODEL.ARCH, path, key, device=device)
+    if teacher.embed_dim != cfg.MODEL.EMB_DIM:
+        raise UserError(f"{key} {path} embeds to {teacher.embed_dim} dims but MODEL.EMB_DIM is {cfg.MODEL.EMB_DIM}: "
+                        "the new branch is matched to its embeddings")
+    return teacher.eval().requires_grad_(False)

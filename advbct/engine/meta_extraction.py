@@ -8,12 +8,14 @@ from advbct.data.image_list import ImageListDataset, read_image_list
 from advbct.data.workers import resolve_num_workers
 from advbct.errors import UserError
 from advbct.evaluation.features import extract_features
+from advbct.losses.build import meta_classes
 from advbct.meta import compute_meta, save_meta
 from advbct.models import checkpoint_shapes, load_trained_model
 
 
 def extract_meta(cfg, progress=True):
-    """Features of META.TRAIN_LIST by OLD_MODEL -> per-class centers and radii -> COMP_LOSS.META_PATH.
+    """Features of META.TRAIN_LIST by OLD_MODEL -> per-class centers and radii -> COMP_LOSS.META_PATH; for a
+    method whose meta covers every training class (COMP_LOSS.TYPE bt2), of DATA.TRAIN_LIST instead.
 
     Every rank embeds a shard; rank 0 gathers the features, computes the meta, writes it and returns it
     (the other ranks return None once it is written). NaN/inf features are refused before anything is
@@ -21,14 +23,22 @@ def extract_meta(cfg, progress=True):
     out = cfg.COMP_LOSS.META_PATH
     if not out:
         raise UserError("COMP_LOSS.META_PATH is empty: where should the meta file be written?")
-    if not cfg.META.TRAIN_LIST:
-        raise UserError("META.TRAIN_LIST is empty: give the old model's training list")
+    every_class = meta_classes(cfg.COMP_LOSS) == "train"
+    key, listed = ("DATA", cfg.DATA) if every_class else ("META", cfg.META)
+    if not listed.TRAIN_LIST:
+        raise UserError(f"{key}.TRAIN_LIST is empty: give the " + (
+            f"new model's training list (COMP_LOSS.TYPE {cfg.COMP_LOSS.TYPE} reads its classes' centers)"
+            if every_class else "old model's training list"))
     _, _, device = dist.init_distributed()
     images = image_input(cfg.DATA.IMG_SIZE, cfg.DATA.DECODE, device)
     _, old_classes = checkpoint_shapes(cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS")
-    num_classes = cfg.OLD_MODEL.NUM_CLASSES or old_classes or None
-    paths, labels = read_image_list(cfg.META.TRAIN_LIST, root=cfg.META.ROOT or cfg.DATA.ROOT,
-                                    num_classes=num_classes)
+    if every_class:
+        num_classes = cfg.MODEL.NUM_CLASSES or None
+        paths, labels = read_image_list(cfg.DATA.TRAIN_LIST, root=cfg.DATA.ROOT, num_classes=num_classes)
+    else:
+        num_classes = cfg.OLD_MODEL.NUM_CLASSES or old_classes or None
+        paths, labels = read_image_list(cfg.META.TRAIN_LIST, root=cfg.META.ROOT or cfg.DATA.ROOT,
+                                        num_classes=num_classes)
     num_classes = num_classes or int(labels.max()) + 1
     model = load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
     dataset = ImageListDataset(paths, labels, image_input=images)

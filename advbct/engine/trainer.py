@@ -26,7 +26,7 @@ from tqdm import tqdm
 from advbct import distributed as dist
 from advbct.config import flat_config, save_config
 from advbct.data.workers import resolve_num_workers
-from advbct.engine.builders import build_compatibility, build_new_model, build_train_dataset
+from advbct.engine.builders import build_compatibility, build_new_model, build_teacher, build_train_dataset
 from advbct.engine.precision import autocast_context, memory_format, resolve_amp
 from advbct.engine.sync_bn import convert_sync_batchnorm
 from advbct.errors import NonFiniteLossError, UserError
@@ -160,6 +160,17 @@ def periodic_eval_set(cfg):
     return load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
 
 
+def loss_aux(loss, out, images, teacher):
+    """What the compatibility ``loss`` reads besides the embeddings (CompatibilityLoss.aux_inputs): the new
+    model's ``branch`` from its outputs ``out``, the frozen ``teacher``'s embeddings of ``images``; None for none."""
+    names = loss.aux_inputs
+    aux = {"branch": out["branch"].float()} if "branch" in names else {}
+    if "teacher" in names:
+        with torch.no_grad():
+            aux["teacher"] = teacher.embed(images).float()
+    return aux or None
+
+
 class Trainer:
     """Builds everything from a resolved config, then ``fit()``; ``fit`` returns the final metrics."""
 
@@ -199,12 +210,15 @@ class Trainer:
 
         # compatibility first: its checks (old checkpoint, meta) must fail before any heavy work
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
+        self.teacher = build_teacher(cfg, self.device) if self.comp_loss is not None else None
         self.eval_set = periodic_eval_set(cfg)  # read and checked now, not after the first epoch
         model = build_new_model(cfg, self.num_classes).to(self.device)
         self.memory_format = memory_format(cfg.TRAIN.CHANNELS_LAST)
         model = model.to(memory_format=self.memory_format)
         if self.old_model is not None:
             self.old_model = self.old_model.to(memory_format=self.memory_format)
+        if self.teacher is not None:
+            self.teacher = self.teacher.to(memory_format=self.memory_format)
         if self.world > 1 and cfg.MODEL.SYNC_BN:
             # global batch statistics (also on CPU/gloo), in the loss module too: the original converts
             # its whole model, discriminator included
@@ -436,7 +450,8 @@ class Trainer:
                         feat_old = self.old_model.embed(images).float()
                 cls_w = self.model.classifier.weight if self.model.classifier is not None else None
                 comp = self.comp_ddp(out["feat"].float(), feat_old, labels, new_classifier_weight=cls_w,
-                                     progress=progress, epoch=epoch)
+                                     progress=progress, epoch=epoch,
+                                     aux=loss_aux(self.comp_loss, out, images, self.teacher))
                 total = total + comp["loss"]
                 terms.update({k: v for k, v in comp.items() if k != "loss"})
                 terms["comp"] = comp["loss"].detach()

@@ -21,6 +21,7 @@ from advbct.evaluation.features import extract_features
 from advbct.evaluation.metrics import negative_flip_rate
 from advbct.evaluation.test_sets import TestSet  # noqa: F401  (also importable from here, as before)
 from advbct.evaluation.test_sets import headline_value  # Medium mAP (revisited) or mAP@100 (GLDv2)
+from advbct.models.loading import old_in_new_space
 from advbct.models.transformation import map_features
 
 
@@ -229,8 +230,9 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None, old
     Every rank embeds its shard; rank 0 alone holds the features and searches; every rank returns its
     result (a rank 0 error is raised on every rank). The EVAL.BACKFILL_* keys are checked first.
     ``old_transform`` (advbct/models/transformation.py, EVAL.OLD_TRANSFORM) maps the old gallery into the new
-    space for the cross test and backfilling (FCT); the old self-test and any feature cache keep the old
-    model's own features.
+    space for the cross test and backfilling (FCT); a new model with added dimensions (BT²) searches the old
+    gallery zero-padded to its size. The old self-test and any feature cache keep the old model's own
+    features.
     """
     backfill.check_config(cfg)
     test_set = test_set or load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
@@ -241,9 +243,10 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None, old
         if dims != want:
             raise UserError(f"EVAL.OLD_TRANSFORM {cfg.EVAL.OLD_TRANSFORM} maps {dims[0]} -> {dims[1]} dims but the "
                             f"old model embeds to {want[0]} and the new model to {want[1]}")
-    elif old_model is not None and old_model.embed_dim != new_model.embed_dim:
+    elif old_model is not None and old_model.embed_dim != new_model.compatible_dim:
         raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "
-                        f"{new_model.embed_dim}: cross-test needs the same embedding size")
+                        f"{new_model.embed_dim} (compatible on {new_model.compatible_dim}): cross-test needs "
+                        "the same embedding size")
     new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
     dist.run_on_main(check_model_features, test_set, new_q, new_g, "new", cfg.NEW_MODEL.WEIGHTS)
     old_q = old_g = None
@@ -254,6 +257,8 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None, old
         cross_g = None
         if old_transform is not None:
             cross_g = map_features(old_transform, old_g, device=next(new_model.parameters()).device)
+        elif old_g is not None and new_model.embed_dim != old_g.shape[1]:  # BT²: the old dims lead the new space
+            cross_g = old_in_new_space(old_g, new_model)
         return score_models(test_set, cfg, new_q, new_g, old_q, old_g, cross_g=cross_g)
 
     return dist.run_on_main(map_and_score)

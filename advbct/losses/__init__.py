@@ -7,6 +7,7 @@ AdvBCT; then L2, not a row of the paper's table).
 
 from advbct.losses import bct, lce, unibct, hot_refresh, advbct, l2  # noqa: F401  (registration order)
 from advbct.losses import mixbct  # noqa: F401  (MixBCT, published after AdvBCT: not a paper row)
+from advbct.losses import bt2  # noqa: F401  (BT², published after AdvBCT: not a paper row)
 from advbct.losses import fct  # noqa: F401  (FCT: no term; old embeddings mapped after training)
 from advbct.losses.base import CompatibilityLoss
 from advbct.losses.build import build_compat_loss, needs_meta, needs_old_classifier

@@ -20,13 +20,17 @@ class CompatibilityLoss(nn.Module):
     images, or None for a loss with ``needs_old_features`` False (the trainer then skips the old
     model's forward pass); labels (B,) in the new label space, old classes are ``labels < num_old_classes``;
     progress = global_step / total_steps ∈ [0, 1]; epoch 0-based. Subclasses implement ``compute``,
-    which runs in float32 with autocast disabled and returns ``(term, diagnostics)``.
+    which runs in float32 with autocast disabled and returns ``(term, diagnostics)``. A loss that reads more
+    of the step names it in ``aux_inputs`` and gets ``aux={name: (B, ·) tensor}`` in ``compute``: "branch"
+    (what the new classifier reads, advbct.models.RetrievalModel), "teacher" (the frozen embeddings of the
+    method's teacher checkpoint, registry ``teacher_key``).
     """
 
     needs_meta: bool = False  # needs the old-class meta file (COMP_LOSS.META_PATH)
     needs_old_classifier: bool = False  # needs the old model's classifier weight (OLD_MODEL.WEIGHTS)
     needs_new_classifier: bool = False  # forward needs new_classifier_weight (the new model's classifier)
     needs_old_features: bool = True  # compute reads feat_old; False: BCT/LCE/UniBCT use class-level old data only
+    aux_inputs: tuple = ()  # the extra tensors compute reads as aux (class docstring)
 
     def __init__(self, num_old_classes: int, weight: float = 1.0):
         super().__init__()
@@ -34,16 +38,22 @@ class CompatibilityLoss(nn.Module):
         self.weight = float(weight)
 
     def forward(self, feat_new, feat_old, labels, *, new_classifier_weight=None, progress: float,
-                epoch: int) -> dict:
+                epoch: int, aux: dict | None = None) -> dict:
         device_type = feat_new.device.type
         no_autocast = (torch.autocast(device_type=device_type, enabled=False)
                        if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
         with no_autocast:
             if new_classifier_weight is not None:
                 new_classifier_weight = new_classifier_weight.float()
+            extra = {}
+            if self.aux_inputs:
+                missing = [n for n in self.aux_inputs if aux is None or n not in aux]
+                if missing:
+                    raise ValueError(f"{type(self).__name__} needs aux inputs {missing}")
+                extra["aux"] = {n: aux[n].float() for n in self.aux_inputs}
             term, diagnostics = self.compute(
                 feat_new.float(), None if feat_old is None else feat_old.detach().float(), labels,
-                new_classifier_weight=new_classifier_weight, progress=float(progress), epoch=int(epoch))
+                new_classifier_weight=new_classifier_weight, progress=float(progress), epoch=int(epoch), **extra)
         out = {"loss": term * self.weight}
         out.update({k: v.detach() for k, v in diagnostics.items()})
         return out

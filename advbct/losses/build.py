@@ -40,6 +40,34 @@ def needs_transformation(comp_cfg: Mapping) -> bool:
     return found is not None and found[0].requires_transformation(found[1])
 
 
+def new_model_head(comp_cfg: Mapping, old_dim: int) -> dict | None:
+    """The embedding head the configured method gives the new model (BT²'s), with the old embedding size
+    ``old_dim``; None for the plain head."""
+    found = _configured(comp_cfg)
+    if found is None or found[0].new_head is None:
+        return None
+    method, opts = found
+    method.checked(comp_cfg)  # a bad option fails here, before the model is built
+    return {**method.new_head(opts), "old_dim": int(old_dim)}
+
+
+def teacher_checkpoint(comp_cfg: Mapping) -> tuple[str, str] | None:
+    """``(config key, checkpoint path)`` of the frozen model whose batch embeddings the configured method reads
+    (BT²'s independently trained new model); None when it reads none."""
+    found = _configured(comp_cfg)
+    if found is None or found[0].teacher_key is None:
+        return None
+    key = found[0].teacher_key
+    return f"COMP_LOSS.{key}", str(found[1][key])
+
+
+def meta_classes(comp_cfg: Mapping) -> str:
+    """Which classes the configured method's COMP_LOSS.META_PATH covers: "old" (META.TRAIN_LIST, the old model's
+    training list) or "train" (DATA.TRAIN_LIST, every class the new model trains on)."""
+    found = _configured(comp_cfg)
+    return "old" if found is None else found[0].meta_classes
+
+
 def build_compat_loss(comp_cfg: Mapping, *, embed_dim: int, num_old_classes: int, total_epochs: int,
                       meta: ClassMeta | None = None,
                       old_classifier_weight: torch.Tensor | None = None, classifier: str = "softmax",

@@ -110,6 +110,9 @@ class Method:
     needs_meta: bool | Callable[[Options], bool] = False
     needs_old_classifier: bool | Callable[[Options], bool] = False
     needs_transformation: bool | Callable[[Options], bool] = False
+    new_head: Callable[[Options], dict] | None = None
+    teacher_key: str | None = None
+    meta_classes: str = "old"
 
     def resolve(self, comp_cfg: Mapping) -> Options:
         """The shared keys and this method's options from ``comp_cfg``, defaults filled in, as their types."""
@@ -138,7 +141,9 @@ _SECTION: dict[str, tuple] = {}  # the live COMP_LOSS schema {key: (default, hel
 
 def register_method(name: str, loss_class: type, *, label: str, build: Callable[[Options, BuildContext], Any],
                     options=(), plot_label: str | None = None, paper_row: bool = True,
-                    needs_meta=None, needs_old_classifier=None, needs_transformation=None) -> Method:
+                    needs_meta=None, needs_old_classifier=None, needs_transformation=None,
+                    new_head: Callable[[Options], dict] | None = None, teacher_key: str | None = None,
+                    meta_classes: str = "old") -> Method:
     """Declare compatibility method ``name`` (the ``COMP_LOSS.TYPE`` value) and return its record.
 
     ``loss_class``: its CompatibilityLoss subclass; ``build(opts, ctx)`` returns an instance from the
@@ -150,6 +155,11 @@ def register_method(name: str, loss_class: type, *, label: str, build: Callable[
     loss class's attribute of that name). A method that needs a transformation makes old embeddings
     compatible after training (FCT): its new model trains without the old model and with no term (its
     ``build`` returns None), and its cross test needs EVAL.OLD_TRANSFORM (scripts/train_transformation.sh).
+    ``new_head(opts)``: the new model's embedding head when the method changes it (a spec of
+    :func:`advbct.models.build_model`'s ``head``, whose ``old_dim`` the engine fills in; BT²). ``teacher_key``:
+    one of its options naming the checkpoint of a frozen model (MODEL.ARCH) whose embeddings of each batch
+    the loss reads (``aux["teacher"]``). ``meta_classes``: which classes its COMP_LOSS.META_PATH covers: "old"
+    (the old model's training list, META.TRAIN_LIST) or "train" (every class of DATA.TRAIN_LIST).
     A conflicting declaration raises ValueError and leaves the registry unchanged.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES:
@@ -167,6 +177,10 @@ def register_method(name: str, loss_class: type, *, label: str, build: Callable[
         raise ValueError(f"method '{name}': an option key is declared twice in {keys}")
     for o in options:
         _check_option(name, o)
+    if teacher_key is not None and (teacher_key not in keys or not isinstance(dict(zip(keys, options))[teacher_key].default, str)):
+        raise ValueError(f"method '{name}': teacher_key {teacher_key!r} must be one of its string options {keys}")
+    if meta_classes not in ("old", "train"):
+        raise ValueError(f"method '{name}': meta_classes {meta_classes!r}: expected 'old' or 'train'")
     if needs_meta is None:
         needs_meta = bool(getattr(loss_class, "needs_meta", False))
     if needs_old_classifier is None:
@@ -175,7 +189,8 @@ def register_method(name: str, loss_class: type, *, label: str, build: Callable[
         needs_transformation = bool(getattr(loss_class, "needs_transformation", False))
     method = Method(name=name, loss_class=loss_class, build=build, label=label, plot_label=plot_label or label,
                     paper_row=bool(paper_row), options=options, needs_meta=needs_meta,
-                    needs_old_classifier=needs_old_classifier, needs_transformation=needs_transformation)
+                    needs_old_classifier=needs_old_classifier, needs_transformation=needs_transformation,
+                    new_head=new_head, teacher_key=teacher_key, meta_classes=meta_classes)
     _METHODS[name] = method
     _rebuild_section()
     return method

@@ -18,7 +18,13 @@ from advbct.models.heads import (
     LinearClassifier,
     build_classifier,
 )
-from advbct.models.loading import check_same_embedding, checkpoint_shapes, load_trained_model, read_checkpoint
+from advbct.models.loading import (
+    check_same_embedding,
+    checkpoint_shapes,
+    load_trained_model,
+    old_in_new_space,
+    read_checkpoint,
+)
 from advbct.models.network import RetrievalModel, build_model
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "load_trained_model",
+    "old_in_new_space",
     "read_checkpoint",
     "register_backbone",
     "save_checkpoint",

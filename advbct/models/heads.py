@@ -41,6 +41,21 @@ class EmbeddingHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.fc(x))
 
+    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(retrieval embedding, what the classifier reads): one tensor here (BT²'s head has two)."""
+        e = self.forward(x)
+        return e, e
+
+    @property
+    def out_dim(self) -> int:
+        return self.fc.out_features
+
+    branch_dim = out_dim  # the classifier's input size
+    compatible_dim = out_dim  # the leading dimensions an old model's embeddings are compared with
+
+    def spec(self) -> dict:
+        return {"kind": "linear_bn"}
+
 
 def _init_weight(num_classes: int, embed_dim: int) -> nn.Parameter:
     # Same initialisation as nn.Linear (the original code's classifier is a plain nn.Linear).

@@ -9,11 +9,12 @@ import os
 import torch
 
 from advbct.errors import UserError
+from advbct.models.basis_transform import head_from_state, to_new_space
 from advbct.models.checkpoint import load_checkpoint, load_model_weights
 from advbct.models.network import build_model
 
 __all__ = ["check_finite_weights", "check_same_embedding", "checkpoint_shapes", "load_trained_model",
-           "read_checkpoint"]
+           "old_in_new_space", "read_checkpoint"]
 
 
 def read_checkpoint(path, key) -> dict:
@@ -25,7 +26,8 @@ def read_checkpoint(path, key) -> dict:
     return load_checkpoint(path)
 
 
-def _shapes(state, path, key) -> tuple[int, int]:
+def _layout(state, path, key) -> tuple[int, int, dict | None]:
+    """(embedding size, classes, BT² head spec or None) of a checkpoint's state."""
     weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise UserError(f"{key}: {path} holds no state dict")
@@ -34,11 +36,20 @@ def _shapes(state, path, key) -> tuple[int, int]:
     cls = weights.get("classifier.weight", weights.get("projection_cls.weight"))
     if emb is None:
         raise UserError(f"{key}: {path} has no embedding layer (embedding.fc.weight / projection_dim.weight)")
-    return int(emb.shape[0]), (int(cls.shape[0]) if cls is not None else 0)
+    classes = int(cls.shape[0]) if cls is not None else 0
+    head = head_from_state(weights)
+    if head is not None:
+        return head["embed_dim"] + head["extra_dim"], classes, head
+    return int(emb.shape[0]), classes, None
+
+
+def _shapes(state, path, key) -> tuple[int, int]:
+    return _layout(state, path, key)[:2]
 
 
 def checkpoint_shapes(path, key):
-    """``(embed_dim, num_classes)`` stored in a checkpoint (ours or the original release's format).
+    """``(embed_dim, num_classes)`` stored in a checkpoint (ours or the original release's format); the
+    embedding size is the model's output (BT²: its new size plus the added dimensions).
 
     ``key`` is the config key that named the file, for the error message.
     """
@@ -50,9 +61,13 @@ def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu", 
     (the file is read once, for its shapes and its weights; ``checkpoint``: its dict, already read by
     :func:`read_checkpoint`)."""
     ckpt = read_checkpoint(path, key) if checkpoint is None else checkpoint
-    embed_dim, num_classes = _shapes(ckpt, path, key)
+    embed_dim, num_classes, bt2 = _layout(ckpt, path, key)
+    head = None
+    if bt2 is not None:  # BT²'s head: its sizes and scale are read from the weights
+        embed_dim = bt2.pop("embed_dim")
+        head = {"kind": "basis_transform", **bt2}
     model = build_model(arch, embed_dim=embed_dim,
-                        num_classes=num_classes if with_classifier else 0, pretrained=False)
+                        num_classes=num_classes if with_classifier else 0, pretrained=False, head=head)
     load_model_weights(model, path, checkpoint=ckpt)
     check_finite_weights(model, path, key)
     return model.to(device)
@@ -69,10 +84,18 @@ def check_finite_weights(model, path, key):
 
 
 def check_same_embedding(new_model, old_model, new_path, old_path):
-    """Cross-test needs one embedding space: refuse loaded models of different sizes before any extraction
-    (their sizes are read from the models, so neither checkpoint is read again)."""
-    new_dim, old_dim = new_model.embed_dim, old_model.embed_dim
+    """Cross-test needs one embedding space: refuse loaded models whose sizes do not fit before any extraction
+    (their sizes are read from the models, so neither checkpoint is read again). The old size must be the
+    new model's compatible size: its whole embedding, or BT²'s leading old dimensions."""
+    new_dim, old_dim = new_model.compatible_dim, old_model.embed_dim
     if new_dim != old_dim:
-        raise UserError(f"new model {new_path} embeds to {new_dim} dims but old model {old_path} to "
+        what = "embeds to" if new_dim == new_model.embed_dim else "is compatible on its first"
+        raise UserError(f"new model {new_path} {what} {new_dim} dims but old model {old_path} embeds to "
                         f"{old_dim}: cross-test needs the same embedding size (MODEL.EMB_DIM)")
     return new_dim
+
+
+def old_in_new_space(old_features, new_model):
+    """The old model's features as the new model's queries search them: zero-padded to the new size when the
+    new embedding has dimensions the old one lacks (BT², :func:`advbct.models.basis_transform.to_new_space`)."""
+    return to_new_space(old_features, new_model.embed_dim)

@@ -319,6 +319,25 @@ def _later_methods(block):
     return rows
 
 
+def _later_training(block, name):
+    """The steps that train later method NAME's new model: first, for a method whose class meta covers every
+    training class (BT²), that meta (scripts/extract_meta.sh embeds DATA.TRAIN_LIST) into OUT/NAME_meta.pt;
+    a method that reads a teacher's embeddings gets φ* (OUT/independent/final.pth) as its teacher."""
+    from advbct.losses.registry import get_method
+
+    b, method, steps, overrides = block, get_method(name), [], []
+    config = f"{b.cfg}/{name}.yml"
+    if method.meta_classes == "train":
+        meta = f"{b.out}/{name}_meta.pt"
+        steps.append(Step(f"{name} class means ({b.backbone})", meta,
+                          ("bash", "scripts/extract_meta.sh", config, *b.data_opts, *b.compat,
+                           "COMP_LOSS.META_PATH", meta), f"{b.logs}/{name}_meta.log"))
+        overrides += ["COMP_LOSS.META_PATH", meta]
+    if method.teacher_key:
+        overrides += [f"COMP_LOSS.{method.teacher_key}", f"{b.out}/independent/final.pth"]
+    return steps + [new_model_step(b, name, config, *overrides)]
+
+
 def _later_steps(block, rows):
     """Train each later method's new model (the Procrustes row reuses its FCT model), fit the transformations,
     test each row (with its transformation where it has one)."""
@@ -326,7 +345,7 @@ def _later_steps(block, rows):
     for name, _, mapped in rows:
         trained = name[: -len("_procrustes")] if name.endswith("_procrustes") else name
         if trained == name:
-            steps.append(new_model_step(b, name, f"{b.cfg}/{name}.yml"))
+            steps += _later_training(b, name)
         transform = None
         if mapped:
             transform = f"{b.out}/{name}/transformation.pth"

@@ -33,7 +33,7 @@ def build(cfg, **kw):
 
 
 def test_registry_names_and_types():
-    assert set(LOSSES) == {"bct", "lce", "unibct", "hot_refresh", "advbct", "l2", "mixbct", "fct"}
+    assert set(LOSSES) == {"bct", "lce", "unibct", "hot_refresh", "advbct", "l2", "mixbct", "bt2", "fct"}
     assert list(LOSSES) == list_methods() and all(LOSSES[n] is get_method(n).loss_class for n in LOSSES)
     full = dict(meta=meta(), old_classifier_weight=torch.randn(C_OLD, D))
     for name in LOSSES:

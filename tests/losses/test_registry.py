@@ -44,8 +44,10 @@ COMP_LOSS_DEFAULTS = {
     "ARC_SCALE": 30.0, "ARC_MARGIN": 0.3,
     "TEMPERATURE": 0.01, "TOPK_NEG": 0, "DETACH_KEYS": False,
     "MIX_RATIO": 0.3, "MIX_DENOISE": "meta", "MIX_REPLACE": True,
+    "BT2_EXTRA_DIM": 32, "BT2_SCALE": 2.0, "BT2_TEACHER": "", "BT2_MATCH_NEW": 1.0, "BT2_INFLUENCE": 10.0,
+    "BT2_MATCH_OLD": 5.0,
 }
-BUILT_IN = ["bct", "lce", "unibct", "hot_refresh", "advbct", "l2", "mixbct", "fct"]
+BUILT_IN = ["bct", "lce", "unibct", "hot_refresh", "advbct", "l2", "mixbct", "bt2", "fct"]
 
 
 def meta(num_classes=3, dim=4):
@@ -111,7 +113,7 @@ def test_a_method_declared_in_one_place_trains_and_reaches_config_and_reports(to
     assert DEFAULTS["COMP_LOSS"]["TOY_SCALE"] == (2.0, "toy: scale of the squared distance")
     assert "COMP_LOSS.TOY_SCALE" in all_keys()
     assert "COMP_LOSS.TOY_SCALE = 2.0  # toy: scale of the squared distance" in describe()
-    assert DEFAULTS["COMP_LOSS"]["TYPE"][1].endswith("| l2 | mixbct | fct | toy")
+    assert DEFAULTS["COMP_LOSS"]["TYPE"][1].endswith("| l2 | mixbct | bt2 | fct | toy")
     assert load_config().COMP_LOSS.TOY_SCALE == 2.0
     cfg = load_config(None, toy_overrides(data, tmp_path / "run", "COMP_LOSS.TOY_SCALE", "3",
                                           "COMP_LOSS.WEIGHT", "0.5"))
@@ -173,10 +175,10 @@ def test_built_in_methods_labels_and_order():
     assert list_methods(paper_rows=True) == ["bct", "lce", "unibct", "hot_refresh", "advbct"]
     # the table rows advbct/pipelines/blocks.py names today, and the backfilling plots' legends
     assert labels() == {"bct": "BCT", "lce": "LCE", "unibct": "UniBCT", "hot_refresh": "HotRefresh",
-                        "advbct": "AdvBCT", "l2": "L2", "mixbct": "MixBCT", "fct": "FCT"}
+                        "advbct": "AdvBCT", "l2": "L2", "mixbct": "MixBCT", "bt2": "BT2", "fct": "FCT"}
     assert model_labels() == {"independent": "phi*", "bct": "BCT", "lce": "LCE", "unibct": "UniBCT",
                               "hot_refresh": "Hot-refresh", "advbct": "AdvBCT", "l2": "L2",
-                              "mixbct": "MixBCT", "fct": "FCT", "fct_procrustes": "FCT (Procrustes)"}
+                              "mixbct": "MixBCT", "bt2": "BT2", "fct": "FCT", "fct_procrustes": "FCT (Procrustes)"}
     assert dict(LOSSES) == {name: get_method(name).loss_class for name in BUILT_IN}
 
 
@@ -192,9 +194,9 @@ def test_every_registered_option_is_a_config_key_with_its_default():
             declared.add(option.key)
     assert set(section) == declared == set(COMP_LOSS_DEFAULTS)
     assert section["TYPE"] == ("", "compatibility method: '' (none) | bct | lce | unibct | hot_refresh | advbct | l2 "
-                                   "| mixbct | fct")
+                                   "| mixbct | bt2 | fct")
     assert section["META_PATH"] == ("", "old-class meta file (scripts/extract_meta.sh); needed by lce, unibct, advbct, "
-                                        "mixbct")
+                                        "mixbct, bt2")
     assert section["WEIGHT"] == (1.0, "weight of the whole compatibility term")
 
 

@@ -267,7 +267,7 @@ def test_unknown_classifier_and_bad_class_count():
 
 
 # ---------------------------------------------------------------------------------------------- model
-def test_model_without_classifier_returns_only_feat():
+def test_model_without_classifier_returns_no_logits():
     torch.manual_seed(5)
     model = build_model("resnet18", embed_dim=16, num_classes=0)
     assert model.classifier is None and model.num_classes == 0 and model.embed_dim == 16
@@ -276,7 +276,7 @@ def test_model_without_classifier_returns_only_feat():
     with torch.no_grad():
         out = model(x)
         want = model.embedding.bn(model.embedding.fc(_gap_features(model.backbone, x)))
-    assert set(out) == {"feat"}
+    assert set(out) == {"feat", "branch"} and out["branch"] is out["feat"]  # the plain head has one branch
     torch.testing.assert_close(out["feat"], want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.embed(x), out["feat"])
     assert not any(k.startswith("classifier") for k in model.state_dict())

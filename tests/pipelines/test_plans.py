@@ -24,9 +24,9 @@ from helpers import REPO
 SETS = ["rparis6k", "roxford5k", "gldv2"]
 METHODS = [("bct", "BCT"), ("lce", "LCE"), ("unibct", "UniBCT"), ("hot_refresh", "HotRefresh"), ("advbct", "AdvBCT")]
 # the rows after the paper's on a synthetic block: the methods published after AdvBCT that have a block config
-LATER = [("mixbct", "MixBCT"), ("fct", "FCT"), ("fct_procrustes", "FCT (Procrustes)")]
-LATER_STEPS = ["mixbct (r18)", "fct (r18)", "fct transformation (r18)", "fct_procrustes transformation (r18)",
-               "test mixbct", "test fct", "test fct_procrustes"]
+LATER = [("mixbct", "MixBCT"), ("bt2", "BT2"), ("fct", "FCT"), ("fct_procrustes", "FCT (Procrustes)")]
+LATER_STEPS = ["mixbct (r18)", "bt2 class means (r18)", "bt2 (r18)", "fct (r18)", "fct transformation (r18)",
+               "fct_procrustes transformation (r18)", "test mixbct", "test bt2", "test fct", "test fct_procrustes"]
 PY = "PY"
 
 
@@ -188,6 +188,20 @@ def test_synthetic_table_block_plan(repo_root):
     assert (ev.new, ev.eval_dir) == (f"{o}/fct/final.pth", f"{o}/eval/fct_procrustes")
     assert list(ev.options[-2:]) == ["EVAL.OLD_TRANSFORM", f"{o}/fct_procrustes/transformation.pth"]
     assert "EVAL.OLD_TRANSFORM" not in by_name(plan, "test mixbct").options
+    # BT²: the old model's class means over the new training list (DATA.TRAIN_LIST), then phi* as its teacher
+    means = by_name(plan, "bt2 class means (r18)")
+    assert (means.output, list(means.command)) == (f"{o}/bt2_meta.pt", [
+        "bash", "scripts/extract_meta.sh", "configs/synthetic/class_r18/bt2.yml", *syn, *compat,
+        "COMP_LOSS.META_PATH", f"{o}/bt2_meta.pt"])
+    step = by_name(plan, "bt2 (r18)")
+    assert list(step.command) == ["bash", "scripts/train_new.sh", "configs/synthetic/class_r18/bt2.yml", *syn,
+                                  "MODEL.PRETRAINED_PATH", f"{pre}/r18/final.pth", *compat,
+                                  "COMP_LOSS.META_PATH", f"{o}/bt2_meta.pt",
+                                  "COMP_LOSS.BT2_TEACHER", f"{o}/independent/final.pth", "OUTPUT", f"{o}/bt2"]
+    cfg = load_config("configs/synthetic/class_r18/bt2.yml", list(step.command[3:]))
+    assert (cfg.COMP_LOSS.META_PATH, cfg.COMP_LOSS.BT2_TEACHER) == (f"{o}/bt2_meta.pt", f"{o}/independent/final.pth")
+    ev = by_name(plan, "test bt2")
+    assert (ev.new, "EVAL.OLD_TRANSFORM" in ev.options) == (f"{o}/bt2/final.pth", False)
     table, plot = plan[-2:]
     assert list(table.command) == [
         PY, "tools/collect_results.py", "--independent", f"{o}/eval/independent",
