@@ -59,6 +59,10 @@ CASES = [
     Case("train-empty-meta", "train", _train("COMP_LOSS.TYPE", "advbct", "OLD_MODEL.WEIGHTS", "{ckpt}",
                                              "COMP_LOSS.META_PATH", "{w}/empty.pt"), "{w}/empty.pt"),
     Case("train-unknown-method", "train", _train("COMP_LOSS.TYPE", "magic"), "COMP_LOSS.TYPE"),
+    Case("train-bt2-no-added-dims", "train", _train("COMP_LOSS.TYPE", "bt2", "COMP_LOSS.BT2_EXTRA_DIM", "0"),
+         "COMP_LOSS.BT2_EXTRA_DIM 0: expected a positive number of dimensions"),
+    Case("train-bt2-garbage-teacher", "train", _train("COMP_LOSS.TYPE", "bt2", "OLD_MODEL.WEIGHTS", "{ckpt}",
+                                                      "COMP_LOSS.BT2_TEACHER", "{w}/garbage.pth"), "{w}/garbage.pth"),
     Case("train-bad-decode", "train", _train("DATA.DECODE", "turbo"), "DATA.DECODE 'turbo'"),
     # tools/extract_meta.py (scripts/extract_meta.sh, scripts/extract_feat.sh)
     Case("meta-missing-model", "extract_meta", ("OLD_MODEL.WEIGHTS", "{w}/none.pth", "META.TRAIN_LIST", "{w}/train.txt",
@@ -298,4 +302,4 @@ def test_the_battery_covers_every_entry_point():
     assert len(CASES) + len(SCRIPT_CASES) == BATTERY_SIZE
 
 
-BATTERY_SIZE = 76  # docs/USAGE.md states it
+BATTERY_SIZE = 78  # docs/USAGE.md states it

@@ -209,8 +209,8 @@ class Trainer:
             self.iters_per_epoch = min(self.iters_per_epoch, cfg.TRAIN.MAX_ITERS_PER_EPOCH)
 
         # compatibility first: its checks (old checkpoint, meta) must fail before any heavy work
+        self.teacher = build_teacher(cfg, self.device)  # BT²'s phi*; None for the other methods
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
-        self.teacher = build_teacher(cfg, self.device) if self.comp_loss is not None else None
         self.eval_set = periodic_eval_set(cfg)  # read and checked now, not after the first epoch
         model = build_new_model(cfg, self.num_classes).to(self.device)
         self.memory_format = memory_format(cfg.TRAIN.CHANNELS_LAST)

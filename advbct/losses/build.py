@@ -57,6 +57,7 @@ def teacher_checkpoint(comp_cfg: Mapping) -> tuple[str, str] | None:
     found = _configured(comp_cfg)
     if found is None or found[0].teacher_key is None:
         return None
+    found[0].checked(comp_cfg)  # the first builder the trainer calls: a bad option fails here
     key = found[0].teacher_key
     return f"COMP_LOSS.{key}", str(found[1][key])
 

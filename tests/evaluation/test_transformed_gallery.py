@@ -12,7 +12,7 @@ from advbct.config import load_config
 from advbct.errors import UserError
 from advbct.evaluation import evaluate, feature_cache, protocol
 from advbct.evaluation.protocol import TestSet as RetrievalSet  # aliased: pytest would collect Test*
-from advbct.evaluation.protocol import headline_value, score
+from advbct.evaluation.protocol import backfill_gallery, headline_value, score
 from advbct.models import save_checkpoint
 from advbct.models.transformation import FCTTransformation, ProcrustesMap, save_transformation
 
@@ -121,6 +121,40 @@ def test_evaluate_models_refuses_a_transformation_of_other_dims(embedded):
     assert str(info.value) == (f"EVAL.OLD_TRANSFORM t.pth maps 8 -> {DIM} dims but the old model embeds to "
                                f"{DIM} and the new model to {DIM}")
     assert embedded["calls"] == []
+
+
+# ------------------------------------------------------------------- a new model with added dimensions (BT²)
+class AddedDimsStub(Stub):
+    """A new model whose embedding has K dims more than the old one, compatible on its first DIM (BT²'s head)."""
+
+    def __init__(self, extra):
+        super().__init__(DIM + extra)
+        self.compatible_dim = DIM
+
+
+def test_added_dimensions_search_the_zero_padded_old_gallery(monkeypatch):
+    """The cross test is the release's: new queries cut to the old size against the old gallery; backfilling
+    mixes re-embedded (full-size) and old (padded) items in one gallery; the old self-test is untouched."""
+    ts, rng, extra = make_set(), np.random.default_rng(1), 5
+    old_q, old_g = (rng.standard_normal((n, DIM)).astype(np.float32) for n in (NQ, NG))
+    new_q = np.concatenate([old_g[:NQ] + 0.3 * rng.standard_normal((NQ, DIM)), rng.standard_normal((NQ, extra))],
+                           axis=1).astype(np.float32)
+    new_g = np.concatenate([old_g, rng.standard_normal((NG, extra))], axis=1).astype(np.float32)
+    feats = {"new": (new_q, new_g), "old": (old_q, old_g)}
+    monkeypatch.setattr(protocol, "embed_test_set", lambda model, t, cfg, progress=True, tag="m": feats[tag])
+    result = protocol.evaluate_models(AddedDimsStub(extra), Stub(), cfg_with(), progress=False, test_set=ts)
+    assert result["cross_test"] == score(ts, new_q[:, :DIM], old_g)  # utils/eval_utils.py: both cut to DIM
+    assert result["self_test"] == score(ts, new_q, new_g)
+    assert result["old_self_test"] == score(ts, old_q, old_g)
+    assert result["backfill"]["values"][0] == pytest.approx(headline_value(result["cross_test"]), abs=1e-12)
+    assert result["backfill"]["values"][-1] == pytest.approx(headline_value(result["self_test"]), abs=1e-12)
+    padded = np.concatenate([old_g, np.zeros((NG, extra), np.float32)], axis=1)
+    half = backfill_gallery(new_g, padded, 0.5, 0, "image", 16)
+    assert result["backfill"]["values"][1] == pytest.approx(headline_value(score(ts, new_q, half)), abs=1e-12)
+    with pytest.raises(UserError) as info:  # compatible on other dims than the old model's
+        protocol.evaluate_models(AddedDimsStub(extra), Stub(DIM + 1), cfg_with(), progress=False, test_set=ts)
+    assert str(info.value) == (f"old model embeds to {DIM + 1} dims, new model to {DIM + extra} (compatible on "
+                               f"{DIM}): cross-test needs the same embedding size")
 
 
 # ------------------------------------------------------------------------------------- run_evaluation
