@@ -38,6 +38,10 @@ DEFAULTS = {
         "ARCH": ("resnet18", "backbone of the old model phi_o"),
         "WEIGHTS": ("", "checkpoint of the trained old model (needed by every compatibility method)"),
         "NUM_CLASSES": (0, "classes of the old model (old labels 0..N-1); 0 = read from its checkpoint"),
+        "EARLIER_WEIGHTS": ([], "checkpoints of the models before the old one (oldest first) that the new model "
+                            "is also trained compatible with: one more COMP_LOSS term each; [] = none"),
+        "EARLIER_ARCHS": ([], "their backbones: one for all or one per checkpoint; [] = OLD_MODEL.ARCH"),
+        "EARLIER_META_PATHS": ([], "their class meta files, one per checkpoint, for a method that reads one"),
     },
     "NEW_MODEL": {
         "ARCH": ("resnet18", "backbone of the new model in evaluation (scripts/test.sh)"),

@@ -43,30 +43,63 @@ def build_compatibility(cfg, num_classes, device):
         return None, None
     if not cfg.OLD_MODEL.WEIGHTS:
         raise UserError(f"COMP_LOSS.TYPE {kind} needs the old model: set OLD_MODEL.WEIGHTS")
-    old_dim, old_classes = checkpoint_shapes(cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS")
+    return _against(cfg, num_classes, device, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", cfg.OLD_MODEL.ARCH,
+                    cfg.OLD_MODEL.NUM_CLASSES, cfg.COMP_LOSS.META_PATH, "COMP_LOSS.META_PATH")
+
+
+def build_earlier_compatibility(cfg, num_classes, device):
+    """``[(old model, loss), ...]`` for OLD_MODEL.EARLIER_WEIGHTS, oldest first: the models before the old one
+    that the new model is also trained compatible with, each by COMP_LOSS.TYPE with its own meta
+    (OLD_MODEL.EARLIER_META_PATHS) and classes (read from its checkpoint). Checked here, in one line each."""
+    o = cfg.OLD_MODEL
+    weights = list(o.EARLIER_WEIGHTS)
+    if not weights:
+        return []
+    kind = cfg.COMP_LOSS.TYPE
+    if not kind or needs_transformation(cfg.COMP_LOSS):
+        raise UserError(f"OLD_MODEL.EARLIER_WEIGHTS is set but COMP_LOSS.TYPE {kind or repr('')} trains no "
+                        "compatibility term against an old model")
+    archs = list(o.EARLIER_ARCHS) or [o.ARCH]
+    if len(archs) not in (1, len(weights)):
+        raise UserError(f"OLD_MODEL.EARLIER_ARCHS: {len(archs)} backbones for {len(weights)} checkpoints "
+                        "(OLD_MODEL.EARLIER_WEIGHTS); expected one for all or one per checkpoint")
+    metas = list(o.EARLIER_META_PATHS)
+    if needs_meta(cfg.COMP_LOSS) and len(metas) != len(weights):
+        raise UserError(f"OLD_MODEL.EARLIER_META_PATHS: {len(metas)} meta files for {len(weights)} checkpoints "
+                        f"(OLD_MODEL.EARLIER_WEIGHTS); COMP_LOSS.TYPE {kind} reads one per model")
+    return [_against(cfg, num_classes, device, w, f"OLD_MODEL.EARLIER_WEIGHTS[{j}]", archs[j % len(archs)], 0,
+                     metas[j] if j < len(metas) else "", f"OLD_MODEL.EARLIER_META_PATHS[{j}]")
+            for j, w in enumerate(weights)]
+
+
+def _against(cfg, num_classes, device, weights, key, arch, num_old, meta_path, meta_key):
+    """The frozen model of checkpoint ``weights`` (config ``key``) and the COMP_LOSS term against it."""
+    kind = cfg.COMP_LOSS.TYPE
+    old_dim, old_classes = checkpoint_shapes(weights, key)
     if old_dim != cfg.MODEL.EMB_DIM:
-        raise UserError(f"OLD_MODEL.WEIGHTS embeds to {old_dim} dims but MODEL.EMB_DIM is "
+        raise UserError(f"{key} embeds to {old_dim} dims but MODEL.EMB_DIM is "
                         f"{cfg.MODEL.EMB_DIM}: compatible training needs the same embedding size")
-    num_old = cfg.OLD_MODEL.NUM_CLASSES or old_classes
+    num_old = num_old or old_classes
+    main = key == "OLD_MODEL.WEIGHTS"
     if num_old <= 0:
-        raise UserError("OLD_MODEL.NUM_CLASSES is 0 and the old checkpoint has no classifier: set it")
+        raise UserError("OLD_MODEL.NUM_CLASSES is 0 and the old checkpoint has no classifier: set it" if main else
+                        f"{key} {weights} has no classifier: its classes are read from it")
     if num_old > num_classes:
-        raise UserError(f"the old model has {num_old} classes but the new training list only "
+        who = "the old model" if main else f"{key} {weights}"
+        raise UserError(f"{who} has {num_old} classes but the new training list only "
                         f"{num_classes}: old classes must keep their ids 0..{num_old - 1}")
-    old_model = load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS",
-                                   with_classifier=True, device=device)
+    old_model = load_trained_model(arch, weights, key, with_classifier=True, device=device)
     old_model.eval().requires_grad_(False)
     meta = None
-    meta_path = cfg.COMP_LOSS.META_PATH
     if needs_meta(cfg.COMP_LOSS):
         if not meta_path:
-            raise UserError(f"COMP_LOSS.TYPE {kind} needs the old-class meta: set COMP_LOSS.META_PATH "
+            raise UserError(f"COMP_LOSS.TYPE {kind} needs the old-class meta: set {meta_key} "
                             f"(made by scripts/extract_meta.sh)")
         meta = load_meta(meta_path, device=device)
         covers, want = (("the old model has", num_old) if meta_classes(cfg.COMP_LOSS) == "old" else
                         ("DATA.TRAIN_LIST has", num_classes))
         if meta.num_classes != want:
-            raise UserError(f"COMP_LOSS.META_PATH {meta_path} holds {meta.num_classes} classes but {covers} "
+            raise UserError(f"{meta_key} {meta_path} holds {meta.num_classes} classes but {covers} "
                             f"{want}")
     old_weight = old_model.classifier.weight.detach() if old_model.classifier is not None else None
     loss = build_compat_loss(cfg.COMP_LOSS, embed_dim=cfg.MODEL.EMB_DIM, num_old_classes=num_old,
@@ -74,7 +107,6 @@ def build_compatibility(cfg, num_classes, device):
                              old_classifier_weight=old_weight, classifier=cfg.LOSS.TYPE,
                              scale=cfg.LOSS.SCALE, margin=cfg.LOSS.MARGIN)
     return old_model, loss.to(device)
-
 
 
 def build_teacher(cfg, device):

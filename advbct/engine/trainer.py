@@ -1,8 +1,9 @@
 """One trainer for the old model, the independent model phi* and every compatible new model.
 
 Plain DDP as torchvision's reference scripts: torchrun sets the ranks, a DistributedSampler shards the
-list, SGD + MultiStepLR per epoch. The loss is L_cls (+ COMP_LOSS.WEIGHT x compatibility term). Each
-epoch ends with an atomic ``last.pth``, so a killed run loses at most the epoch in progress.
+list, SGD + MultiStepLR per epoch. The loss is L_cls (+ COMP_LOSS.WEIGHT x compatibility term, and one more
+per model of OLD_MODEL.EARLIER_WEIGHTS). Each epoch ends with an atomic ``last.pth``, so a killed run loses at
+most the epoch in progress.
 
 Every input (data, models, old checkpoint, meta, evaluation set, the checkpoint to resume and OUTPUT
 itself) is checked before the first file is written: a refused run leaves OUTPUT as it found it.
@@ -26,7 +27,8 @@ from tqdm import tqdm
 from advbct import distributed as dist
 from advbct.config import flat_config, save_config
 from advbct.data.workers import resolve_num_workers
-from advbct.engine.builders import build_compatibility, build_new_model, build_teacher, build_train_dataset
+from advbct.engine.builders import (build_compatibility, build_earlier_compatibility, build_new_model, build_teacher,
+                                    build_train_dataset)
 from advbct.engine.precision import autocast_context, memory_format, resolve_amp
 from advbct.engine.sync_bn import convert_sync_batchnorm
 from advbct.errors import NonFiniteLossError, UserError
@@ -211,12 +213,16 @@ class Trainer:
         # compatibility first: its checks (old checkpoint, meta) must fail before any heavy work
         self.teacher = build_teacher(cfg, self.device)  # BT²'s phi*; None for the other methods
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
+        # OLD_MODEL.EARLIER_WEIGHTS: one more term per earlier model, [[old model, loss, loss under DDP]]
+        self.earlier = [[m, loss, loss] for m, loss in build_earlier_compatibility(cfg, self.num_classes, self.device)]
         self.eval_set = periodic_eval_set(cfg)  # read and checked now, not after the first epoch
         model = build_new_model(cfg, self.num_classes).to(self.device)
         self.memory_format = memory_format(cfg.TRAIN.CHANNELS_LAST)
         model = model.to(memory_format=self.memory_format)
         if self.old_model is not None:
             self.old_model = self.old_model.to(memory_format=self.memory_format)
+        for term in self.earlier:
+            term[0] = term[0].to(memory_format=self.memory_format)
         if self.teacher is not None:
             self.teacher = self.teacher.to(memory_format=self.memory_format)
         if self.world > 1 and cfg.MODEL.SYNC_BN:
@@ -225,6 +231,8 @@ class Trainer:
             model = convert_sync_batchnorm(model, self.device)
             if self.comp_loss is not None:
                 self.comp_loss = convert_sync_batchnorm(self.comp_loss, self.device)
+            for term in self.earlier:
+                term[1] = term[2] = convert_sync_batchnorm(term[1], self.device)
         self.model = model
         self.ddp = self._distributed(model)
         # the loss module owns learnable parts (elastic radii, discriminator): sync them as well. Every
@@ -233,10 +241,14 @@ class Trainer:
         self.comp_ddp = self.comp_loss
         if self.comp_loss is not None and any(p.requires_grad for p in self.comp_loss.parameters()):
             self.comp_ddp = self._distributed(self.comp_loss)
+        for term in self.earlier:
+            if any(p.requires_grad for p in term[1].parameters()):
+                term[2] = self._distributed(term[1])
 
         params = list(model.parameters())
-        if self.comp_loss is not None:
-            params += [p for p in self.comp_loss.parameters() if p.requires_grad]
+        for loss in [self.comp_loss] + [term[1] for term in self.earlier]:
+            if loss is not None:
+                params += [p for p in loss.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WEIGHT_DECAY)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=t.LR_STEPS,
                                                               gamma=t.LR_GAMMA)
@@ -339,6 +351,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.comp_loss is not None and "comp_loss" in state:
                 self.comp_loss.load_state_dict(state["comp_loss"])
+            for term, saved in zip(self.earlier, state.get("earlier_comp_losses", [])):
+                term[1].load_state_dict(saved)
         except (RuntimeError, ValueError, KeyError) as exc:  # the config keys agree: a file of another kind
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"TRAIN.RESUME {path}: its state does not fit this run although its config keys "
@@ -399,6 +413,8 @@ class Trainer:
                  "rng": torch.get_rng_state()}
         if self.comp_loss is not None:
             state["comp_loss"] = self.comp_loss.state_dict()
+        if self.earlier:
+            state["earlier_comp_losses"] = [term[1].state_dict() for term in self.earlier]
         return state
 
     def _checkpoint_names(self, epoch):
@@ -455,6 +471,16 @@ class Trainer:
                 total = total + comp["loss"]
                 terms.update({k: v for k, v in comp.items() if k != "loss"})
                 terms["comp"] = comp["loss"].detach()
+                for j, (old_model, loss, ddp) in enumerate(self.earlier, 1):  # oldest first: earlier1_*
+                    feat_j = None
+                    if loss.needs_old_features:
+                        with torch.no_grad():
+                            feat_j = old_model.embed(images).float()
+                    comp = ddp(out["feat"].float(), feat_j, labels, new_classifier_weight=cls_w, progress=progress,
+                               epoch=epoch, aux=loss_aux(loss, out, images, self.teacher))
+                    total = total + comp["loss"]
+                    terms.update({f"earlier{j}_{k}": v for k, v in comp.items() if k != "loss"})
+                    terms[f"earlier{j}_comp"] = comp["loss"].detach()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
@@ -474,8 +500,9 @@ class Trainer:
 
     def train_epoch(self, epoch):
         self.model.train()
-        if self.comp_loss is not None:
-            self.comp_loss.train()
+        for loss in [self.comp_loss] + [term[1] for term in self.earlier]:
+            if loss is not None:
+                loss.train()
         self.sampler.set_epoch(epoch)
         total_steps = self.cfg.TRAIN.EPOCHS * self.iters_per_epoch
         sums, count = {}, 0

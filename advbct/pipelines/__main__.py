@@ -71,9 +71,10 @@ def ablation(argv):
 def generations(argv):
     from advbct.pipelines.generations import generation_steps, parse_generations_args, resolve_chain
 
-    alloc, methods, chain, preset = parse_generations_args(argv)
+    alloc, methods, chain, preset, against = parse_generations_args(argv)
     _check_root()
-    resolved = resolve_chain(alloc, methods, chain, preset, (os.environ.get("DATA") or None) if preset else None)
+    resolved = resolve_chain(alloc, methods, chain, preset, (os.environ.get("DATA") or None) if preset else None,
+                             against=against)
     start = time.monotonic()
     run_steps(generation_steps(resolved))
     print(f"chain {os.path.basename(resolved.out)} finished in {int(time.monotonic() - start)} s: "

@@ -6,7 +6,8 @@ BACKBONE on SHARE of the classes (allocation ``class``) or of every class's imag
 next one's (tools/split_dataset.py --chain). phi1 is trained once, like a block's old model; then for each
 method, generation k >= 2 is trained with the block config ``<alloc>_<backbone>/<method>.yml`` against
 generation k-1 (its checkpoint, architecture and, for the methods that read it, its class meta over its own
-train list). Each method's chain is tested by scripts/test_generations.sh on every test set
+train list); with ``--against all``, against every earlier generation (OLD_MODEL.EARLIER_WEIGHTS: one more
+compatibility term per model). Each method's chain is tested by scripts/test_generations.sh on every test set
 (``<out>/<method>/matrix/matrix.{json,md,png}``) and the methods' AC and AM are collected into
 ``<out>/generations.{md,json}`` (tools/collect_generations.py).
 """
@@ -26,7 +27,8 @@ __all__ = ["DEFAULT_CHAIN", "DEFAULT_METHODS", "GENERATIONS_USAGE", "Chain", "ge
            "parse_chain", "parse_generations_args", "resolve_chain"]
 
 GENERATIONS_USAGE = ("usage: bash scripts/reproduce_generations.sh {data,class} [--methods advbct,bct] "
-                     "[--chain r18:0.3,r18:0.6,r50:1.0] [--synthetic PRESET]")
+                     "[--chain r18:0.3,r18:0.6,r50:1.0] [--against previous|all] [--synthetic PRESET]")
+AGAINST = ("previous", "all")  # which earlier generations a new one is trained compatible with
 DEFAULT_CHAIN = "r18:0.3,r18:0.6,r50:1.0"
 DEFAULT_METHODS = "advbct,bct"
 
@@ -67,13 +69,14 @@ def _check_methods(text):
 
 
 def parse_generations_args(argv):
-    """``ALLOC [--methods M1,M2] [--chain BB:SHARE,...] [--synthetic PRESET]`` -> (alloc, methods, chain,
-    preset or None); a mistake is a one-line UserError (:class:`UsageError`: the usage line alone)."""
+    """``ALLOC [--methods M1,M2] [--chain BB:SHARE,...] [--against previous|all] [--synthetic PRESET]`` ->
+    (alloc, methods, chain, preset or None, against); a mistake is a one-line UserError (:class:`UsageError`:
+    the usage line alone)."""
     argv = list(argv)
     if not argv:
         raise UsageError(GENERATIONS_USAGE)
     alloc, rest = argv[0], argv[1:]
-    options = {"--methods": DEFAULT_METHODS, "--chain": DEFAULT_CHAIN, "--synthetic": None}
+    options = {"--methods": DEFAULT_METHODS, "--chain": DEFAULT_CHAIN, "--against": "previous", "--synthetic": None}
     while rest:
         arg = rest.pop(0)
         if arg not in options:
@@ -89,7 +92,9 @@ def parse_generations_args(argv):
 
         if preset not in PRESETS:
             raise UserError(f"--synthetic {preset}: expected one of {', '.join(PRESETS)}")
-    return alloc, _check_methods(options["--methods"]), parse_chain(options["--chain"]), preset
+    if options["--against"] not in AGAINST:
+        raise UserError(f"--against {options['--against']}: expected {' or '.join(AGAINST)}")
+    return alloc, _check_methods(options["--methods"]), parse_chain(options["--chain"]), preset, options["--against"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class Chain:
     full_list: object
     list_dir: str
     out: str
+    against: str = "previous"  # "all": each generation trained compatible with every earlier one
 
     @property
     def logs(self):
@@ -140,12 +146,16 @@ class Chain:
         return str(load_config(self.config(k, "independent")).MODEL.ARCH)
 
 
-def resolve_chain(alloc, methods, generations, preset=None, data=None, out=None, pretrain_root=None):
+def resolve_chain(alloc, methods, generations, preset=None, data=None, out=None, pretrain_root=None,
+                  against="previous"):
     """The :class:`Chain` on the real datasets (``preset`` None; laid out as in Dataset.md) or on the
     synthetic benchmark ``preset`` in ``data`` (default ./data/synthetic-<preset>); its outputs under ``out``
     (default ./output/generations/<alloc>_<chain>[_synthetic-<preset>]); a synthetic chain's pretrained
-    backbones in ``pretrain_root`` (default: the table blocks' ./output/reproduce/pretrain_synthetic-<preset>)."""
+    backbones in ``pretrain_root`` (default: the table blocks' ./output/reproduce/pretrain_synthetic-<preset>);
+    ``against``: "previous" or "all" (then the default ``out`` ends in _against-all)."""
     shares = "_".join(f"{bb}-{round(100 * r)}" for bb, r in generations)
+    if against == "all":
+        shares += "_against-all"
     if preset:
         data = data or f"./data/synthetic-{preset}"
         tag, configs = f"_synthetic-{preset}", "configs/synthetic"
@@ -170,7 +180,7 @@ def resolve_chain(alloc, methods, generations, preset=None, data=None, out=None,
     return Chain(alloc=alloc, methods=tuple(methods), generations=tuple(generations), preset=preset or None,
                  data=data, configs=configs, tag=tag, roots=roots, data_opts=data_opts, eval_opts=eval_opts,
                  pretrain_root=pretrain_root, full_list=full_list, list_dir=list_dir,
-                 out=out or f"./output/generations/{alloc}_{shares}{tag}")  # e.g. class_r18-30_r18-60_r50-100
+                 out=out or f"./output/generations/{alloc}_{shares}{tag}", against=against)  # e.g. class_r18-30_r18-60_r50-100
 
 
 def _needs_meta(config):
@@ -223,7 +233,15 @@ def generation_steps(chain, python=None, extra=()):
                                         "META.TRAIN_LIST", c.train_list(k - 1)),
                                        f"{c.logs}/{method if k > 2 else 'gen1'}_meta{k - 1}.log")
                     steps.append(metas[meta])
-            steps.append(Step(f"{method} gen{k} ({c.generations[k - 1][0]}, against gen{k - 1})",
+            earlier = range(1, k - 1) if c.against == "all" else ()  # gen1 .. gen(k-2), beside gen(k-1)
+            if earlier:
+                compat += ["OLD_MODEL.EARLIER_WEIGHTS", f"[{','.join(f'{c.run_dir(method, j)}/final.pth' for j in earlier)}]",
+                           "OLD_MODEL.EARLIER_ARCHS", f"[{','.join(c.arch(j) for j in earlier)}]"]
+                if _needs_meta(config):  # each earlier generation's meta, made when its successor trained
+                    compat += ["OLD_MODEL.EARLIER_META_PATHS",
+                               f"[{','.join(f'{c.run_dir(method, j)}/meta.pt' for j in earlier)}]"]
+            against = f"gen1-gen{k - 1}" if earlier else f"gen{k - 1}"
+            steps.append(Step(f"{method} gen{k} ({c.generations[k - 1][0]}, against {against})",
                               f"{c.run_dir(method, k)}/final.pth",
                               ("bash", "scripts/train_new.sh", config, *c.data_opts, *c.init(k), *compat, *extra,
                                "DATA.TRAIN_LIST", c.train_list(k), "OUTPUT", c.run_dir(method, k)),
@@ -242,6 +260,7 @@ def generation_steps(chain, python=None, extra=()):
     method_args = [a for m in c.methods for a in ("--method", f"{labels()[m]}={c.out}/{m}/matrix")]
     steps.append(Step("generations table", None,
                       (py, "tools/collect_generations.py", *method_args, "--description",
-                       f"{c.alloc} allocation, chain {' -> '.join(f'{bb} {r:g}' for bb, r in c.generations)}{c.tag}",
+                       f"{c.alloc} allocation, chain {' -> '.join(f'{bb} {r:g}' for bb, r in c.generations)}"
+                       f"{', each against every earlier generation' if c.against == 'all' else ''}{c.tag}",
                        "--out", f"{c.out}/generations.json", "--markdown", f"{c.out}/generations.md")))
     return steps

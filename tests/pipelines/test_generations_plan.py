@@ -12,8 +12,8 @@ from advbct.pipelines.steps import Stamp, Step, SyntheticList
 
 
 def test_defaults():
-    alloc, methods, chain, preset = parse_generations_args(["class"])
-    assert (alloc, methods, preset) == ("class", ["advbct", "bct"], None)
+    alloc, methods, chain, preset, against = parse_generations_args(["class"])
+    assert (alloc, methods, preset, against) == ("class", ["advbct", "bct"], None, "previous")
     assert chain == [("r18", 0.3), ("r18", 0.6), ("r50", 1.0)] == parse_chain(DEFAULT_CHAIN)
 
 
@@ -29,6 +29,7 @@ def test_defaults():
     (["class", "--synthetic", "huge"], "--synthetic huge: expected one of"),
     (["both"], "unknown allocation 'both'"),
     (["class", "--epochs", "3"], "unknown argument '--epochs'"),
+    (["class", "--against", "first"], "--against first: expected previous or all"),
 ])
 def test_refusals(argv, message):
     with pytest.raises(UserError, match=message):
@@ -93,6 +94,36 @@ def test_plan_of_a_synthetic_chain(tmp_path):
     table = plan[-1]
     assert table.output is None and _argv(table)[:2] == ["PY", "tools/collect_generations.py"]
     assert _argv(table)[2:6] == ["--method", "AdvBCT=O/advbct/matrix", "--method", "BCT=O/bct/matrix"]
+
+
+def test_against_all_trains_each_generation_against_every_earlier_one():
+    """gen3 against gen2 (OLD_MODEL) and gen1 (OLD_MODEL.EARLIER_*, with gen1's meta for AdvBCT); gen2 has no
+    earlier model; the chain gets its own folder."""
+    assert parse_generations_args(["class", "--against", "all"])[4] == "all"
+    chain = resolve_chain("class", ["advbct", "bct"], parse_chain("r18:0.3,r18:0.6,r50:0.8,r50:1.0"), "tiny", "D",
+                          pretrain_root="P", against="all")
+    assert chain.out == "./output/generations/class_r18-30_r18-60_r50-80_r50-100_against-all_synthetic-tiny"
+    o = chain.out
+    steps = {item.name: item for item in generation_steps(chain, python="PY") if isinstance(item, Step) and item.name}
+    assert [n for n in steps if " gen" in n and "meta" not in n] == [
+        "advbct gen2 (r18, against gen1)", "advbct gen3 (r50, against gen1-gen2)", "advbct gen4 (r50, against gen1-gen3)",
+        "bct gen2 (r18, against gen1)", "bct gen3 (r50, against gen1-gen2)", "bct gen4 (r50, against gen1-gen3)"]
+    assert "OLD_MODEL.EARLIER_WEIGHTS" not in _argv(steps["advbct gen2 (r18, against gen1)"])
+    adv4 = _argv(steps["advbct gen4 (r50, against gen1-gen3)"])
+    assert {k: _value(adv4, k) for k in ("OLD_MODEL.WEIGHTS", "OLD_MODEL.EARLIER_WEIGHTS", "OLD_MODEL.EARLIER_ARCHS",
+                                         "OLD_MODEL.EARLIER_META_PATHS", "COMP_LOSS.META_PATH")} == {
+        "OLD_MODEL.WEIGHTS": f"{o}/advbct/gen3/final.pth",
+        "OLD_MODEL.EARLIER_WEIGHTS": f"[{o}/gen1/final.pth,{o}/advbct/gen2/final.pth]",
+        "OLD_MODEL.EARLIER_ARCHS": "[resnet18,resnet18]",
+        "OLD_MODEL.EARLIER_META_PATHS": f"[{o}/gen1/meta.pt,{o}/advbct/gen2/meta.pt]",
+        "COMP_LOSS.META_PATH": f"{o}/advbct/gen3/meta.pt"}
+    for meta in (f"{o}/gen1/meta.pt", f"{o}/advbct/gen2/meta.pt", f"{o}/advbct/gen3/meta.pt"):  # each made before
+        assert [s.output for s in steps.values()].index(meta) < list(steps).index("advbct gen4 (r50, against gen1-gen3)")
+    bct3 = _argv(steps["bct gen3 (r50, against gen1-gen2)"])
+    assert _value(bct3, "OLD_MODEL.EARLIER_WEIGHTS") == f"[{o}/gen1/final.pth]"
+    assert "OLD_MODEL.EARLIER_META_PATHS" not in bct3  # BCT reads no meta
+    table = _argv(generation_steps(chain, python="PY")[-1])
+    assert table[table.index("--description") + 1].endswith("each against every earlier generation_synthetic-tiny")
 
 
 def test_real_route_needs_the_datasets(tmp_path, monkeypatch):

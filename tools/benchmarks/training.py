@@ -85,7 +85,7 @@ def make_stepper(args, arch, device, amp, advbct, gen):
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     # the step calls ``ddp``: compiling it compiles the new model's forward and, through it, its backward
     ddp = torch.compile(model) if args.compile else model
-    return SimpleNamespace(model=model, ddp=ddp, old_model=old_model, teacher=None, comp_loss=comp, comp_ddp=comp,
+    return SimpleNamespace(model=model, ddp=ddp, old_model=old_model, teacher=None, earlier=[], comp_loss=comp, comp_ddp=comp,
                            optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=False),
                            autocast=lambda: autocast_context(amp, device))
 
