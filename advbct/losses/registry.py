@@ -234,8 +234,11 @@ def _rebuild_section() -> None:
     _SECTION.clear()
     _SECTION["TYPE"] = ("", f"compatibility method: '' (none) | {' | '.join(names)}")
     _SECTION["WEIGHT"] = (SHARED[0].default, SHARED[0].help)
-    _SECTION["META_PATH"] = ("", "old-class meta file (scripts/extract_meta.sh); needed by "
-                                 f"{', '.join(with_meta) or 'none'}")
+    over_train = [n for n, m in _METHODS.items() if m.meta_classes == "train"]
+    _SECTION["META_PATH"] = ("", "class meta file (scripts/extract_meta.sh): the old model's class centers and radii "
+                                 "over its training list" + (f" ({', '.join(over_train)}: over DATA.TRAIN_LIST)"
+                                                             if over_train else "")
+                                 + f"; needed by {', '.join(with_meta) or 'none'}")
     for method in _METHODS.values():
         for o in method.options:
             _SECTION.setdefault(o.key, (o.default, o.help))

@@ -39,8 +39,9 @@ class Orthogonal(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        s = self.skew.float()
-        return self.base.float() @ torch.linalg.matrix_exp(s - s.t())
+        with torch.autocast(self.skew.device.type, enabled=False):  # orthonormal to float32 precision under AMP
+            s = self.skew.float()
+            return self.base.float() @ torch.linalg.matrix_exp(s - s.t())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))

@@ -195,8 +195,9 @@ def test_every_registered_option_is_a_config_key_with_its_default():
     assert set(section) == declared == set(COMP_LOSS_DEFAULTS)
     assert section["TYPE"] == ("", "compatibility method: '' (none) | bct | lce | unibct | hot_refresh | advbct | l2 "
                                    "| mixbct | bt2 | fct")
-    assert section["META_PATH"] == ("", "old-class meta file (scripts/extract_meta.sh); needed by lce, unibct, advbct, "
-                                        "mixbct, bt2")
+    assert section["META_PATH"] == ("", "class meta file (scripts/extract_meta.sh): the old model's class centers "
+                                        "and radii over its training list (bt2: over DATA.TRAIN_LIST); needed by lce, "
+                                        "unibct, advbct, mixbct, bt2")
     assert section["WEIGHT"] == (1.0, "weight of the whole compatibility term")
 
 

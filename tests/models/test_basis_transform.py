@@ -32,6 +32,10 @@ def test_orthogonal_is_orthonormal_and_is_base_times_the_exponential_of_a_skew_m
     torch.testing.assert_close(w @ w.t(), torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
     s = o.skew.detach().double()
     torch.testing.assert_close(w, o.base.double() @ expm_series(s - s.t()), atol=1e-5, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision rounds the product, not the basis
+        w_amp = o.weight
+    assert w_amp.dtype == torch.float32
+    torch.testing.assert_close(w_amp @ w_amp.t(), torch.eye(6), atol=1e-5, rtol=0)
     x = torch.randn(5, 6)
     torch.testing.assert_close(o(x), x @ o.weight.t())
     torch.testing.assert_close(o(x).norm(dim=1), x.norm(dim=1))  # a basis change keeps lengths
