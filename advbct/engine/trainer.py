@@ -15,6 +15,7 @@ import os
 import random
 import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -162,6 +163,16 @@ def periodic_eval_set(cfg):
     return load_test_set(cfg.EVAL.DATASET, cfg.EVAL.ROOT, cfg.EVAL.GLDV2_SPLIT)
 
 
+@dataclass
+class EarlierTerm:
+    """The compatibility term against one model of OLD_MODEL.EARLIER_WEIGHTS: that frozen model, its loss and
+    the loss as the step calls it (under DDP when it has learnable parts)."""
+
+    old_model: torch.nn.Module
+    loss: torch.nn.Module
+    ddp: torch.nn.Module
+
+
 def loss_aux(loss, out, images, teacher):
     """What the compatibility ``loss`` reads besides the embeddings (CompatibilityLoss.aux_inputs): the new
     model's ``branch`` from its outputs ``out``, the frozen ``teacher``'s embeddings of ``images``; None for none."""
@@ -213,8 +224,9 @@ class Trainer:
         # compatibility first: its checks (old checkpoint, meta) must fail before any heavy work
         self.teacher = build_teacher(cfg, self.device)  # BT²'s phi*; None for the other methods
         self.old_model, self.comp_loss = build_compatibility(cfg, self.num_classes, self.device)
-        # OLD_MODEL.EARLIER_WEIGHTS: one more term per earlier model, [[old model, loss, loss under DDP]]
-        self.earlier = [[m, loss, loss] for m, loss in build_earlier_compatibility(cfg, self.num_classes, self.device)]
+        # OLD_MODEL.EARLIER_WEIGHTS: one more term per earlier model
+        self.earlier = [EarlierTerm(m, loss, loss) for m, loss in
+                        build_earlier_compatibility(cfg, self.num_classes, self.device)]
         self.eval_set = periodic_eval_set(cfg)  # read and checked now, not after the first epoch
         model = build_new_model(cfg, self.num_classes).to(self.device)
         self.memory_format = memory_format(cfg.TRAIN.CHANNELS_LAST)
@@ -222,7 +234,7 @@ class Trainer:
         if self.old_model is not None:
             self.old_model = self.old_model.to(memory_format=self.memory_format)
         for term in self.earlier:
-            term[0] = term[0].to(memory_format=self.memory_format)
+            term.old_model = term.old_model.to(memory_format=self.memory_format)
         if self.teacher is not None:
             self.teacher = self.teacher.to(memory_format=self.memory_format)
         if self.world > 1 and cfg.MODEL.SYNC_BN:
@@ -232,7 +244,7 @@ class Trainer:
             if self.comp_loss is not None:
                 self.comp_loss = convert_sync_batchnorm(self.comp_loss, self.device)
             for term in self.earlier:
-                term[1] = term[2] = convert_sync_batchnorm(term[1], self.device)
+                term.loss = term.ddp = convert_sync_batchnorm(term.loss, self.device)
         self.model = model
         self.ddp = self._distributed(model)
         # the loss module owns learnable parts (elastic radii, discriminator): sync them as well. Every
@@ -242,11 +254,11 @@ class Trainer:
         if self.comp_loss is not None and any(p.requires_grad for p in self.comp_loss.parameters()):
             self.comp_ddp = self._distributed(self.comp_loss)
         for term in self.earlier:
-            if any(p.requires_grad for p in term[1].parameters()):
-                term[2] = self._distributed(term[1])
+            if any(p.requires_grad for p in term.loss.parameters()):
+                term.ddp = self._distributed(term.loss)
 
         params = list(model.parameters())
-        for loss in [self.comp_loss] + [term[1] for term in self.earlier]:
+        for loss in [self.comp_loss] + [term.loss for term in self.earlier]:
             if loss is not None:
                 params += [p for p in loss.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=t.LR, momentum=t.MOMENTUM, weight_decay=t.WEIGHT_DECAY)
@@ -352,7 +364,7 @@ class Trainer:
             if self.comp_loss is not None and "comp_loss" in state:
                 self.comp_loss.load_state_dict(state["comp_loss"])
             for term, saved in zip(self.earlier, state.get("earlier_comp_losses", [])):
-                term[1].load_state_dict(saved)
+                term.loss.load_state_dict(saved)
         except (RuntimeError, ValueError, KeyError) as exc:  # the config keys agree: a file of another kind
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"TRAIN.RESUME {path}: its state does not fit this run although its config keys "
@@ -414,7 +426,7 @@ class Trainer:
         if self.comp_loss is not None:
             state["comp_loss"] = self.comp_loss.state_dict()
         if self.earlier:
-            state["earlier_comp_losses"] = [term[1].state_dict() for term in self.earlier]
+            state["earlier_comp_losses"] = [term.loss.state_dict() for term in self.earlier]
         return state
 
     def _checkpoint_names(self, epoch):
@@ -465,19 +477,19 @@ class Trainer:
                     with torch.no_grad():
                         feat_old = self.old_model.embed(images).float()
                 cls_w = self.model.classifier.weight if self.model.classifier is not None else None
+                aux = loss_aux(self.comp_loss, out, images, self.teacher)  # the same for every term: one method
                 comp = self.comp_ddp(out["feat"].float(), feat_old, labels, new_classifier_weight=cls_w,
-                                     progress=progress, epoch=epoch,
-                                     aux=loss_aux(self.comp_loss, out, images, self.teacher))
+                                     progress=progress, epoch=epoch, aux=aux)
                 total = total + comp["loss"]
                 terms.update({k: v for k, v in comp.items() if k != "loss"})
                 terms["comp"] = comp["loss"].detach()
-                for j, (old_model, loss, ddp) in enumerate(self.earlier, 1):  # oldest first: earlier1_*
+                for j, term in enumerate(self.earlier, 1):  # oldest first: earlier1_*
                     feat_j = None
-                    if loss.needs_old_features:
+                    if term.loss.needs_old_features:
                         with torch.no_grad():
-                            feat_j = old_model.embed(images).float()
-                    comp = ddp(out["feat"].float(), feat_j, labels, new_classifier_weight=cls_w, progress=progress,
-                               epoch=epoch, aux=loss_aux(loss, out, images, self.teacher))
+                            feat_j = term.old_model.embed(images).float()
+                    comp = term.ddp(out["feat"].float(), feat_j, labels, new_classifier_weight=cls_w,
+                                    progress=progress, epoch=epoch, aux=aux)
                     total = total + comp["loss"]
                     terms.update({f"earlier{j}_{k}": v for k, v in comp.items() if k != "loss"})
                     terms[f"earlier{j}_comp"] = comp["loss"].detach()
@@ -500,7 +512,7 @@ class Trainer:
 
     def train_epoch(self, epoch):
         self.model.train()
-        for loss in [self.comp_loss] + [term[1] for term in self.earlier]:
+        for loss in [self.comp_loss] + [term.loss for term in self.earlier]:
             if loss is not None:
                 loss.train()
         self.sampler.set_epoch(epoch)

@@ -68,7 +68,7 @@ def test_learnable_parts_of_earlier_terms_are_optimised_saved_and_resumed(models
     advbct = ("COMP_LOSS.META_PATH", models["meta_old"], "OLD_MODEL.EARLIER_WEIGHTS", f"[{models['e1']}]",
               "OLD_MODEL.EARLIER_META_PATHS", f"[{models['meta_e1']}]")
     trainer = Trainer(config(models, out, *advbct, method="advbct"))
-    (old_model, earlier_loss, _), = trainer.earlier
+    earlier_loss = trainer.earlier[0].loss
     assert earlier_loss.num_old_classes == 2 and trainer.comp_loss.num_old_classes == 3
     learnable = [p for p in earlier_loss.parameters() if p.requires_grad]  # its radii and discriminator
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -80,7 +80,7 @@ def test_learnable_parts_of_earlier_terms_are_optimised_saved_and_resumed(models
     assert len(saved) == 1 and saved[0].keys() == earlier_loss.state_dict().keys()
     resumed = Trainer(config(models, out, *advbct, "TRAIN.RESUME", "auto", "TRAIN.EPOCHS", "2", method="advbct"))
     for key, value in earlier_loss.state_dict().items():
-        torch.testing.assert_close(resumed.earlier[0][1].state_dict()[key], value)
+        torch.testing.assert_close(resumed.earlier[0].loss.state_dict()[key], value)
 
 
 @pytest.mark.parametrize("extra, method, expect", [
