@@ -197,3 +197,42 @@ def test_trains_with_the_real_trainer_and_its_checkpoint_is_a_bt2_model(setup, t
     model = load_trained_model("resnet18", str(out / "final.pth"), "NEW_MODEL.WEIGHTS", with_classifier=True)
     assert (model.embed_dim, model.compatible_dim, model.num_classes) == (40, 32, 4)
     assert model.embedding.spec() == {"kind": "basis_transform", "old_dim": 32, "extra_dim": 8, "scale": 2.0}
+
+
+@pytest.mark.slow
+def test_trained_and_tested_on_the_tiny_benchmark(tiny_synthetic, random_checkpoint, tmp_path):
+    """Class means, a short BT² training and run_evaluation on roxford5k: the saved checkpoint is rebuilt as a
+    BT² model; self-test on its 40-d embeddings, cross test the release's (new queries cut to the old 32 dims)."""
+    from advbct.data.decoding import image_input
+    from advbct.evaluation.evaluate import run_evaluation
+    from advbct.evaluation.features import extract_features
+    from advbct.evaluation.protocol import image_datasets, load_test_set, score
+
+    gld = tiny_synthetic / "gldv2"
+    lines = next(gld.glob("label_*.txt")).read_text().splitlines()
+    short = tmp_path / "train.txt"
+    short.write_text("\n".join(lines[::8]) + "\n")  # every 8th image: ~50
+    out, old, teacher = tmp_path / "bt2", random_checkpoint(12, 32), random_checkpoint(13, 32)
+    common = ["OUTPUT", str(out), "DATA.TRAIN_LIST", str(short), "DATA.ROOT", str(gld), "MODEL.ARCH", "resnet18",
+              "MODEL.EMB_DIM", "32", "MODEL.PRETRAINED", "false", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
+              "EVAL.NUM_WORKERS", "0", "EVAL.IMG_SIZE", "32", "OLD_MODEL.WEIGHTS", old, "OLD_MODEL.NUM_CLASSES", "2",
+              "COMP_LOSS.TYPE", "bt2", "COMP_LOSS.BT2_TEACHER", teacher, "COMP_LOSS.BT2_EXTRA_DIM", "8",
+              "COMP_LOSS.META_PATH", str(tmp_path / "means.pt")]
+    extract_meta(load_config(None, common), progress=False)
+    Trainer(load_config(None, common + ["TRAIN.BATCH_SIZE", "8", "TRAIN.EPOCHS", "1",
+                                        "TRAIN.MAX_ITERS_PER_EPOCH", "1"])).fit()
+    root = tiny_synthetic / "ROxfordParis"
+    (result,) = run_evaluation(load_config(None, common + [
+        "NEW_MODEL.WEIGHTS", str(out / "final.pth"), "EVAL.DATASET", "roxford5k", "EVAL.ROOT", str(root),
+        "EVAL.SAVE_DIR", str(tmp_path / "eval")]))
+
+    ts = load_test_set("roxford5k", str(root))
+    q_ds, g_ds = image_datasets(ts, image_input(32, "pil", "cpu"))
+    new_model = load_trained_model("resnet18", str(out / "final.pth"), "TEST")
+    old_model = load_trained_model("resnet18", old, "TEST")
+    assert (new_model.embed_dim, new_model.compatible_dim) == (40, 32)
+    new_q, new_g, old_g = (extract_features(m, ds, batch_size=64, num_workers=0, progress=False).numpy()
+                           for m, ds in ((new_model, q_ds), (new_model, g_ds), (old_model, g_ds)))
+    for key, expected in (("cross_test", score(ts, new_q[:, :32], old_g)), ("self_test", score(ts, new_q, new_g))):
+        for subset in ("easy", "medium", "hard"):
+            assert result[key]["mAP"][subset] == pytest.approx(expected["mAP"][subset], abs=1e-3), key
