@@ -65,6 +65,10 @@ def _check_methods(text):
         if needs_transformation({"TYPE": m}):
             raise UserError(f"--methods {m}: its cross test maps the old gallery (EVAL.OLD_TRANSFORM), which a "
                             f"chain of generations does not fit; choose methods that train compatibility in")
+        if get_method(m).new_head is not None or get_method(m).teacher_key is not None:
+            raise UserError(f"--methods {m}: its new model has another embedding size than its old one and learns "
+                            f"from a phi* teacher, which a chain of generations does not fit; choose methods that "
+                            f"keep the embedding size")
     return methods
 
 

@@ -25,6 +25,7 @@ def test_defaults():
     (["class", "--methods", "advbct,nope"], "COMP_LOSS.TYPE 'nope': expected '' \\(none\\) or one of"),
     (["class", "--methods", "bct,bct"], "--methods bct,bct: expected distinct method names"),
     (["class", "--methods", "advbct,fct"], "--methods fct: its cross test maps the old gallery"),
+    (["class", "--methods", "bt2"], "--methods bt2: its new model has another embedding size than its old one"),
     (["class", "--methods"], "--methods needs a value"),
     (["class", "--synthetic", "huge"], "--synthetic huge: expected one of"),
     (["both"], "unknown allocation 'both'"),
