@@ -155,6 +155,8 @@ CASES = [
     Case("pipeline-ablation-preset", "pipelines", ("ablation", "class", "r18", "--synthetic", "huge"), "huge"),
     Case("pipeline-generations-chain-of-one", "pipelines", ("generations", "class", "--chain", "r18:1.0"),
          "--chain r18:1.0: a chain needs at least two generations"),
+    Case("pipeline-generations-against", "pipelines", ("generations", "class", "--against", "first"),
+         "--against first: expected previous or all"),
     Case("pipeline-generations-unknown-method", "pipelines", ("generations", "class", "--methods", "bct,magic"),
          "COMP_LOSS.TYPE 'magic'"),
     Case("pipeline-table-garbage-data", "pipelines", ("table", "class", "r18", "--synthetic", "tiny"),
@@ -302,4 +304,4 @@ def test_the_battery_covers_every_entry_point():
     assert len(CASES) + len(SCRIPT_CASES) == BATTERY_SIZE
 
 
-BATTERY_SIZE = 78  # docs/USAGE.md states it
+BATTERY_SIZE = 79  # docs/USAGE.md states it
