@@ -131,12 +131,19 @@ def class_meta(image_list, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ddp_setup(image_list, random_checkpoint, class_meta):
     """The two-process training comparisons' data (``image_list``), a random old model (seed 7, 32-d, 4
-    classes) and its meta, and per method the COMP_LOSS overrides ('' = no compatibility loss)."""
+    classes) and its meta, and per method the COMP_LOSS overrides ('' = no compatibility loss;
+    ``advbct_earlier``: AdvBCT with one more term against an earlier model, here the old model again; ``bt2``:
+    its meta covers the list's 4 classes, its teacher another random model)."""
     old = random_checkpoint(7, 32, 4)
     meta = class_meta(old)
+    advbct = ["COMP_LOSS.TYPE", "advbct", "OLD_MODEL.WEIGHTS", old, "COMP_LOSS.META_PATH", meta]
     comp = {"": [],
             "hot_refresh": ["COMP_LOSS.TYPE", "hot_refresh", "OLD_MODEL.WEIGHTS", old],
-            "advbct": ["COMP_LOSS.TYPE", "advbct", "OLD_MODEL.WEIGHTS", old, "COMP_LOSS.META_PATH", meta]}
+            "advbct": advbct,
+            "advbct_earlier": advbct + ["OLD_MODEL.EARLIER_WEIGHTS", f"[{old}]",
+                                        "OLD_MODEL.EARLIER_META_PATHS", f"[{meta}]"],
+            "bt2": ["COMP_LOSS.TYPE", "bt2", "OLD_MODEL.WEIGHTS", old, "COMP_LOSS.META_PATH", meta,
+                    "COMP_LOSS.BT2_TEACHER", random_checkpoint(8, 32, 4), "COMP_LOSS.BT2_EXTRA_DIM", "8"]}
     return {"data": image_list, "comp": comp}
 
 

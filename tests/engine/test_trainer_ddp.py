@@ -9,7 +9,9 @@ the same SET of images: DistributedSampler gives rank r the indices perm[r::2] o
 permutation, so the first B/2 of each rank are together perm[:B], the single process's first batch.
 With MODEL.SYNC_BN the BatchNorm statistics are global (AllReduceBatchNorm on CPU), so everything that
 is a mean over the batch matches; hot_refresh gathers its negatives across ranks; the advbct loss
-module (elastic radii + discriminator with its own BN) runs under DDP. The other multi-process checks fork
+module (elastic radii + discriminator with its own BN) runs under DDP, and so does a second one against an
+earlier model (OLD_MODEL.EARLIER_WEIGHTS); bt2 trains its basis-transformation head with a frozen teacher
+beside the old model. The other multi-process checks fork
 their ranks too (``torch.multiprocessing`` with the fork start method).
 """
 
@@ -75,7 +77,8 @@ def test_global_batch_is_the_same_set():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["", "hot_refresh", "advbct"], ids=["plain", "hot_refresh", "advbct"])
+@pytest.mark.parametrize("method", ["", "hot_refresh", "advbct", "advbct_earlier", "bt2"],
+                         ids=["plain", "hot_refresh", "advbct", "advbct_earlier", "bt2"])
 def test_two_processes_equal_one_process(ddp_setup, request, tmp_path, method):
     data, extra = ddp_setup["data"], ddp_setup["comp"][method]
     fork_two_processes(base_overrides(data, tmp_path / "two", BATCH // WORLD, extra), tmp_path / "logs")
@@ -90,19 +93,24 @@ def test_two_processes_equal_one_process(ddp_setup, request, tmp_path, method):
     # gradients of the first step (momentum buffer = grad + wd * w), then the weights after it
     assert_states_close(momentum_buffers(two), momentum_buffers(one), "momentum", tol=1e-4)
     assert_states_close(two["model"], one["model"], "weights and BN statistics", tol=1e-4)
-    if method == "advbct":  # elastic radii, discriminator and its BN statistics
+    if method.startswith("advbct"):  # elastic radii, discriminator and its BN statistics
         assert_states_close(two["comp_loss"], one["comp_loss"], "loss module", tol=1e-4)
+    if method == "advbct_earlier":  # the earlier model's term: its own radii and discriminator, under DDP too
+        assert_states_close(two["earlier_comp_losses"][0], one["earlier_comp_losses"][0], "earlier loss module",
+                            tol=1e-4)
 
     logged = logged_epoch_means(tmp_path / "two")
     assert logged.keys() == history[0].keys()
     for term, value in history[0].items():
-        if term == "violators":  # a count per process: the ranks' mean is half the global count
+        if term.endswith("violators"):  # a count per process: the ranks' mean is half the global count
             value /= WORLD
         assert logged[term] == pytest.approx(value, abs=1.5e-4), term
-    if method == "advbct":
+    if method.startswith("advbct"):
         # per-rank normalisation of L_EB (as the original) equals the global one when every sample
         # violates its boundary on both ranks: the precondition of this comparison
         assert logged["violation_rate"] == history[0]["violation_rate"] == 1.0
+    if method == "advbct_earlier":
+        assert logged["earlier1_violation_rate"] == 1.0 and "earlier1_adversarial" in logged
     if method == "":
         # the comparison can fail: one process on rank 0's half of the batch trains differently
         run_one_process(base_overrides(data, tmp_path / "half", BATCH // WORLD))
