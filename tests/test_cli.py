@@ -26,8 +26,12 @@ def test_worker_error_reaches_the_user_as_one_line(capfd):
 
     @guarded
     def main(argv):
-        for _ in torch.utils.data.DataLoader(Broken(), num_workers=1):
-            pass
+        batches = iter(torch.utils.data.DataLoader(Broken(), num_workers=1))
+        try:
+            for _ in batches:
+                pass
+        finally:  # an entry point's process ends here; in this one, a garbage collection would wait 5 s for it
+            batches._shutdown_workers()
 
     proc = call_main(main, [], capfd)
     assert proc.returncode == 2
