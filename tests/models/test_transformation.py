@@ -100,17 +100,24 @@ def test_fct_network_layout_is_the_papers_without_side_information():
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()) == 5
 
 
-def test_fct_forward_batched_equals_per_sample_reference():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fct_forward_batched_equals_per_sample_reference(seed):
+    torch.manual_seed(seed)
     net = FCTTransformation(5, 7, width=16, depth=2)
     randomise_batchnorm(net)
     net.eval()
-    x = torch.randn(9, 5)
+    x, target = torch.randn(9, 5), torch.randn(9, 7)
     with torch.no_grad():
         batched = net(x)
         reference = per_sample_forward(net, x)
     assert batched.shape == (9, 7)
     torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-5)
+    # the training loss (engine/transformation.py: F.mse_loss) and its gradients, against the per-sample sum
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(torch.nn.functional.mse_loss(net(x), target), params)
+    per_sample = sum(((per_sample_forward(net, x[i:i + 1]) - target[i:i + 1]) ** 2).sum() for i in range(9)) / (9 * 7)
+    for got, want in zip(grads, torch.autograd.grad(per_sample, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     # map_features: the same, in chunks, as float32 numpy (and the module left in the mode it was in)
     net.train()
     np.testing.assert_allclose(map_features(net, x.numpy(), batch=4), reference.numpy(), rtol=1e-5, atol=1e-5)
