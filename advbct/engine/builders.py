@@ -6,7 +6,7 @@ from advbct.errors import UserError
 from advbct.losses import build_compat_loss, needs_meta
 from advbct.losses.build import meta_classes, needs_transformation, new_model_head, teacher_checkpoint
 from advbct.meta import load_meta
-from advbct.models import build_model, checkpoint_shapes, load_model_weights, load_trained_model
+from advbct.models import build_model, checkpoint_shapes, load_model_weights, load_trained_model, read_checkpoint
 
 
 def build_train_dataset(cfg, device, num_classes=None):
@@ -75,7 +75,8 @@ def build_earlier_compatibility(cfg, num_classes, device):
 def _against(cfg, num_classes, device, weights, key, arch, num_old, meta_path, meta_key):
     """The frozen model of checkpoint ``weights`` (config ``key``) and the COMP_LOSS term against it."""
     kind = cfg.COMP_LOSS.TYPE
-    old_dim, old_classes = checkpoint_shapes(weights, key)
+    ckpt = read_checkpoint(weights, key)  # read once: its shapes, then its weights
+    old_dim, old_classes = checkpoint_shapes(weights, key, checkpoint=ckpt)
     if old_dim != cfg.MODEL.EMB_DIM:
         raise UserError(f"{key} embeds to {old_dim} dims but MODEL.EMB_DIM is "
                         f"{cfg.MODEL.EMB_DIM}: compatible training needs the same embedding size")
@@ -88,7 +89,7 @@ def _against(cfg, num_classes, device, weights, key, arch, num_old, meta_path, m
         who = "the old model" if main else f"{key} {weights}"
         raise UserError(f"{who} has {num_old} classes but the new training list only "
                         f"{num_classes}: old classes must keep their ids 0..{num_old - 1}")
-    old_model = load_trained_model(arch, weights, key, with_classifier=True, device=device)
+    old_model = load_trained_model(arch, weights, key, with_classifier=True, device=device, checkpoint=ckpt)
     old_model.eval().requires_grad_(False)
     meta = None
     if needs_meta(cfg.COMP_LOSS):

@@ -10,7 +10,7 @@ from advbct.errors import UserError
 from advbct.evaluation.features import extract_features
 from advbct.losses.build import meta_classes
 from advbct.meta import compute_meta, save_meta
-from advbct.models import checkpoint_shapes, load_trained_model
+from advbct.models import checkpoint_shapes, load_trained_model, read_checkpoint
 
 
 def extract_meta(cfg, progress=True):
@@ -31,16 +31,18 @@ def extract_meta(cfg, progress=True):
             if every_class else "old model's training list"))
     _, _, device = dist.init_distributed()
     images = image_input(cfg.DATA.IMG_SIZE, cfg.DATA.DECODE, device)
-    _, old_classes = checkpoint_shapes(cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS")
+    old = read_checkpoint(cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS")  # read once: its shapes, then its weights
     if every_class:
         num_classes = cfg.MODEL.NUM_CLASSES or None
         paths, labels = read_image_list(cfg.DATA.TRAIN_LIST, root=cfg.DATA.ROOT, num_classes=num_classes)
     else:
-        num_classes = cfg.OLD_MODEL.NUM_CLASSES or old_classes or None
+        num_classes = (cfg.OLD_MODEL.NUM_CLASSES or checkpoint_shapes(cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS",
+                                                                      checkpoint=old)[1] or None)
         paths, labels = read_image_list(cfg.META.TRAIN_LIST, root=cfg.META.ROOT or cfg.DATA.ROOT,
                                         num_classes=num_classes)
     num_classes = num_classes or int(labels.max()) + 1
-    model = load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device)
+    model = load_trained_model(cfg.OLD_MODEL.ARCH, cfg.OLD_MODEL.WEIGHTS, "OLD_MODEL.WEIGHTS", device=device,
+                               checkpoint=old)
     dataset = ImageListDataset(paths, labels, image_input=images)
     feats = extract_features(model, dataset, batch_size=cfg.EVAL.BATCH_SIZE,
                              num_workers=resolve_num_workers(cfg.EVAL.NUM_WORKERS, "EVAL.NUM_WORKERS"), device=device, amp=cfg.EVAL.AMP,

@@ -21,7 +21,7 @@ from advbct.evaluation.features import extract_features
 from advbct.evaluation.metrics import negative_flip_rate
 from advbct.evaluation.test_sets import TestSet  # noqa: F401  (also importable from here, as before)
 from advbct.evaluation.test_sets import headline_value  # Medium mAP (revisited) or mAP@100 (GLDv2)
-from advbct.models.loading import old_in_new_space
+from advbct.models.basis_transform import to_new_space
 from advbct.models.transformation import map_features
 
 
@@ -258,7 +258,7 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None, old
         if old_transform is not None:
             cross_g = map_features(old_transform, old_g, device=next(new_model.parameters()).device)
         elif old_g is not None and new_model.embed_dim != old_g.shape[1]:  # BT²: the old dims lead the new space
-            cross_g = old_in_new_space(old_g, new_model)
+            cross_g = to_new_space(old_g, new_model.embed_dim)
         return score_models(test_set, cfg, new_q, new_g, old_q, old_g, cross_g=cross_g)
 
     return dist.run_on_main(map_and_score)

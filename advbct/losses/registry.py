@@ -177,7 +177,8 @@ def register_method(name: str, loss_class: type, *, label: str, build: Callable[
         raise ValueError(f"method '{name}': an option key is declared twice in {keys}")
     for o in options:
         _check_option(name, o)
-    if teacher_key is not None and (teacher_key not in keys or not isinstance(dict(zip(keys, options))[teacher_key].default, str)):
+    teacher = next((o for o in options if o.key == teacher_key), None)
+    if teacher_key is not None and (teacher is None or teacher.type is not str):
         raise ValueError(f"method '{name}': teacher_key {teacher_key!r} must be one of its string options {keys}")
     if meta_classes not in ("old", "train"):
         raise ValueError(f"method '{name}': meta_classes {meta_classes!r}: expected 'old' or 'train'")

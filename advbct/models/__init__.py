@@ -22,7 +22,6 @@ from advbct.models.loading import (
     check_same_embedding,
     checkpoint_shapes,
     load_trained_model,
-    old_in_new_space,
     read_checkpoint,
 )
 from advbct.models.network import RetrievalModel, build_model
@@ -46,7 +45,6 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "load_trained_model",
-    "old_in_new_space",
     "read_checkpoint",
     "register_backbone",
     "save_checkpoint",

@@ -9,12 +9,12 @@ import os
 import torch
 
 from advbct.errors import UserError
-from advbct.models.basis_transform import head_from_state, to_new_space
+from advbct.models.basis_transform import head_from_state
 from advbct.models.checkpoint import load_checkpoint, load_model_weights
 from advbct.models.network import build_model
 
 __all__ = ["check_finite_weights", "check_same_embedding", "checkpoint_shapes", "load_trained_model",
-           "old_in_new_space", "read_checkpoint"]
+           "read_checkpoint"]
 
 
 def read_checkpoint(path, key) -> dict:
@@ -37,7 +37,10 @@ def _layout(state, path, key) -> tuple[int, int, dict | None]:
     if emb is None:
         raise UserError(f"{key}: {path} has no embedding layer (embedding.fc.weight / projection_dim.weight)")
     classes = int(cls.shape[0]) if cls is not None else 0
-    head = head_from_state(weights)
+    try:
+        head = head_from_state(weights)
+    except KeyError as missing:  # a BT² head without one of its tensors: a truncated or edited file
+        raise UserError(f"{key}: {path} holds a BT² embedding head without {missing}") from None
     if head is not None:
         return head["embed_dim"] + head["extra_dim"], classes, head
     return int(emb.shape[0]), classes, None
@@ -47,13 +50,14 @@ def _shapes(state, path, key) -> tuple[int, int]:
     return _layout(state, path, key)[:2]
 
 
-def checkpoint_shapes(path, key):
+def checkpoint_shapes(path, key, *, checkpoint=None):
     """``(embed_dim, num_classes)`` stored in a checkpoint (ours or the original release's format); the
     embedding size is the model's output (BT²: its new size plus the added dimensions).
 
-    ``key`` is the config key that named the file, for the error message.
+    ``key`` is the config key that named the file, for the error message; ``checkpoint``: its dict, already
+    read by :func:`read_checkpoint` (then the file is not read again).
     """
-    return _shapes(read_checkpoint(path, key), path, key)
+    return _shapes(read_checkpoint(path, key) if checkpoint is None else checkpoint, path, key)
 
 
 def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu", checkpoint=None):
@@ -94,8 +98,3 @@ def check_same_embedding(new_model, old_model, new_path, old_path):
                         f"{old_dim}: cross-test needs the same embedding size (MODEL.EMB_DIM)")
     return new_dim
 
-
-def old_in_new_space(old_features, new_model):
-    """The old model's features as the new model's queries search them: zero-padded to the new size when the
-    new embedding has dimensions the old one lacks (BT², :func:`advbct.models.basis_transform.to_new_space`)."""
-    return to_new_space(old_features, new_model.embed_dim)

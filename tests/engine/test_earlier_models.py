@@ -107,3 +107,16 @@ def test_the_trainer_refuses_before_writing_anything(models, tmp_path):
     with pytest.raises(UserError, match=r"^OLD_MODEL.EARLIER_WEIGHTS\[0\] embeds to 16 dims"):
         Trainer(config(models, tmp_path / "run", "OLD_MODEL.EARLIER_WEIGHTS", f"[{models['small']}]"))
     assert not (tmp_path / "run").exists()
+
+
+def test_each_old_checkpoint_is_read_once(models, tmp_path, monkeypatch):
+    """The old and every earlier checkpoint: their shapes and their weights from one read each."""
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
+    cfg = config(models, tmp_path / "run", "OLD_MODEL.EARLIER_WEIGHTS", f"[{models['e1']},{models['e2']}]")
+    from advbct.engine.builders import build_compatibility
+
+    build_compatibility(cfg, num_classes=4, device=torch.device("cpu"))
+    build_earlier_compatibility(cfg, num_classes=4, device=torch.device("cpu"))
+    assert sorted(reads) == sorted([models["old"], models["e1"], models["e2"]])

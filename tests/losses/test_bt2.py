@@ -136,6 +136,14 @@ def setup(image_list, random_checkpoint, tmp_path_factory):
     return s
 
 
+def test_class_means_read_the_old_checkpoint_once(setup, tmp_path, monkeypatch):
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
+    extract_meta(bt2_config(setup, "COMP_LOSS.META_PATH", str(tmp_path / "m.pt")), progress=False)
+    assert reads == [setup["old"]]
+
+
 def test_class_means_cover_every_class_of_the_training_list(setup):
     from advbct.data.image_list import read_image_list
 

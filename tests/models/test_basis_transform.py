@@ -125,6 +125,18 @@ def test_a_checkpoint_rebuilds_its_head_from_the_weights(tmp_path):
     assert head_from_state(plain.state_dict()) is None and plain.compatible_dim == plain.embed_dim == 16
 
 
+def test_a_checkpoint_missing_part_of_its_head_is_refused_in_one_line(tmp_path):
+    model = build_model("resnet18", embed_dim=8, pretrained=False,
+                        head={"kind": "basis_transform", "old_dim": 8, "extra_dim": 2, "scale": 2.0})
+    state = model.state_dict()
+    del state["embedding.scale"]
+    path = tmp_path / "cut.pth"
+    save_checkpoint(path, {"model": state})
+    with pytest.raises(UserError) as err:
+        load_trained_model("resnet18", str(path), "NEW_MODEL.WEIGHTS")
+    assert str(err.value) == f"NEW_MODEL.WEIGHTS: {path} holds a BT² embedding head without 'embedding.scale'"
+
+
 def test_unknown_head_is_refused_in_one_line():
     with pytest.raises(UserError, match="^embedding head 'mlp'"):
         build_model("resnet18", embed_dim=8, pretrained=False, head={"kind": "mlp"})
