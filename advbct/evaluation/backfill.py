@@ -110,19 +110,21 @@ def change_order(old_gallery, new_gallery):
     return np.argsort(-distance, kind="stable")
 
 
-def _most_changed_rows(n, ratio, galleries):
-    if galleries is None:
-        raise ValueError("unit most_changed needs galleries=(old_gallery, new_gallery)")
-    order = change_order(*galleries)
+def _most_changed_rows(n, ratio, galleries, order):
+    if order is None:
+        if galleries is None:
+            raise ValueError("unit most_changed needs galleries=(old_gallery, new_gallery) or their change_order")
+        order = change_order(*galleries)
     if order.shape[0] != n:
         raise ValueError(f"galleries have {order.shape[0]} rows, expected {n}")
     return order[: int(round(ratio * n))]
 
 
-def refreshed_indices(n, ratio, unit="image", batch=16, seed=-1, galleries=None):
+def refreshed_indices(n, ratio, unit="image", batch=16, seed=-1, galleries=None, order=None):
     """Sorted int64 indices of the gallery rows re-embedded by the new model at ``ratio``.
 
-    ``galleries``: ``(old_gallery, new_gallery)``, needed by (and only read for) unit most_changed."""
+    ``galleries``: ``(old_gallery, new_gallery)``, or ``order``: their :func:`change_order` computed once for
+    every ratio of a curve; needed by (and only read for) unit most_changed."""
     check_settings(unit, batch, seed, [ratio])
     seed = resolve_seed(unit, seed)
     if unit == "image":
@@ -130,14 +132,15 @@ def refreshed_indices(n, ratio, unit="image", batch=16, seed=-1, galleries=None)
     elif unit == "batch":
         rows = _batch_rows(n, ratio, batch, seed)
     else:
-        rows = _most_changed_rows(n, ratio, galleries)
+        rows = _most_changed_rows(n, ratio, galleries, order)
     return np.sort(rows).astype(np.int64)
 
 
-def backfill_gallery(new_gallery, old_gallery, ratio, seed=-1, unit="image", batch=16):
+def backfill_gallery(new_gallery, old_gallery, ratio, seed=-1, unit="image", batch=16, order=None):
     """The old gallery with the rows of :func:`refreshed_indices` taken from the new gallery; ratio 0 is the
-    old gallery, ratio 1 the new one."""
-    rows = refreshed_indices(old_gallery.shape[0], ratio, unit, batch, seed,
+    old gallery, ratio 1 the new one. ``order``: unit most_changed's :func:`change_order` of these galleries,
+    when the caller computed it already."""
+    rows = refreshed_indices(old_gallery.shape[0], ratio, unit, batch, seed, order=order,
                              galleries=(old_gallery, new_gallery) if unit == "most_changed" else None)
     mixed = np.array(old_gallery, dtype=np.float32, copy=True)
     mixed[rows] = np.asarray(new_gallery, dtype=np.float32)[rows]

@@ -106,8 +106,10 @@ def _curve(test_set, new_query, new_gallery, old_gallery, ratios, seed, unit, ba
     backfill.check_settings(unit, batch, seed, ratios)
     kind = test_set.kind
     values, flips = [], []
+    # most_changed refreshes a prefix of one order: sort the gallery once, not once per ratio
+    order = backfill.change_order(old_gallery, new_gallery) if unit == "most_changed" else None
     for r in ratios:  # one mixed gallery per ratio, searched for the metric and, with a reference, the top-1
-        mixed = backfill_gallery(new_gallery, old_gallery, r, seed, unit, batch)
+        mixed = backfill_gallery(new_gallery, old_gallery, r, seed, unit, batch, order=order)
         values.append(kind.headline(score(test_set, new_query, mixed)))
         if reference is not None:
             flips.append(_flip_rate(test_set, reference, new_query, mixed))

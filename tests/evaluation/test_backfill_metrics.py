@@ -92,6 +92,19 @@ def test_revisited_negative_flip_hand_computed():
     assert curve["auc"] == pytest.approx(area_under_curve([0.0, 0.5, 1.0], curve["values"]), abs=1e-12)
 
 
+def test_most_changed_sorts_the_gallery_once_per_curve(monkeypatch):
+    """The order does not depend on the ratio: one change_order per curve, and the curve is the one of the
+    mixed galleries made ratio by ratio from the galleries themselves."""
+    ts, ratios = revisited(REV_GND, 6), [0.0, 0.25, 0.5, 0.75, 1.0]
+    want = [headline_value(score(ts, NEW_Q, backfill_gallery(NEW_G, OLD_G, r, unit="most_changed")))
+            for r in ratios]
+    calls = []
+    real = backfill.change_order
+    monkeypatch.setattr(backfill, "change_order", lambda *a: calls.append(1) or real(*a))
+    curve = backfill_curve(ts, NEW_Q, NEW_G, OLD_G, ratios, unit="most_changed", old_self=(OLD_Q, OLD_G))
+    assert len(calls) == 1 and curve["values"] == want
+
+
 def test_gldv2_negative_flip_hand_computed():
     # 5 one-hot gallery images; q0 relevant {1}, q1 {2, 3}, q2 none (not counted), q3 {4}
     gt = [np.array([1]), np.array([2, 3]), np.array([], np.int64), np.array([4])]
