@@ -27,19 +27,22 @@ def model_labels():
     return {"independent": "phi*", **labels, **procrustes}
 
 
-def _results(eval_dir):
-    """``(model, result)`` of every ``<eval_dir>/<model>/<dataset>/results.json``, in path order."""
-    for path in sorted(glob.glob(os.path.join(eval_dir, "*", "*", "results.json"))):
-        yield os.path.basename(os.path.dirname(os.path.dirname(path))), read_results(path)
+def read_eval_dir(eval_dir):
+    """``[(path, model, result)]`` of every ``<eval_dir>/<model>/<dataset>/results.json``, in path order, each
+    file read once for the report's curves of both kinds."""
+    return [(path, os.path.basename(os.path.dirname(os.path.dirname(path))), read_results(path))
+            for path in sorted(glob.glob(os.path.join(eval_dir, "*", "*", "results.json")))]
 
 
-def gather_curves(eval_dir):
-    """``{dataset: {model: curve}}`` from ``<eval_dir>/<model>/<dataset>/results.json``; a curve holds
-    "ratios", "values", "metric" and (since the unit is recorded) "unit", "seed" and, for batch, "batch"
-    (and, since they are recorded, "auc" and "negative_flip")."""
+def gather_curves(eval_dir, results=None):
+    """``{dataset: {model: curve}}`` from ``<eval_dir>/<model>/<dataset>/results.json`` (``results``: those
+    files, already read by :func:`read_eval_dir`); a curve holds "ratios", "values", "metric" and (since the
+    unit is recorded) "unit", "seed" and, for batch, "batch" (and, since they are recorded, "auc" and
+    "negative_flip")."""
     curves = {}
-    for model, result in _results(eval_dir):
+    for path, model, result in read_eval_dir(eval_dir) if results is None else results:
         if "backfill" in result:
+            _check_curve(f"{path}: backfill", result["backfill"])  # written before units were recorded: no unit
             curves.setdefault(result["dataset"], {})[model] = result["backfill"]
     if not curves:
         raise UserError(f"{eval_dir}: no results.json with a backfilling curve (run scripts/test.sh with "
@@ -47,12 +50,37 @@ def gather_curves(eval_dir):
     return curves
 
 
-def gather_unit_curves(eval_dir):
+def _check_curve(where, curve, unit=None):
+    """A curve as the report reads it (``where``: the file and entry; ``unit``: its refresh unit when its entry
+    says it, else the one it records, if any), else a one-line UserError naming them."""
+    ok = (isinstance(curve, dict) and isinstance(curve.get("ratios"), list)
+          and isinstance(curve.get("values"), list) and len(curve["ratios"]) == len(curve["values"]))
+    if not ok:
+        raise UserError(f"{where}: expected a curve with lists 'ratios' and 'values' of one length")
+    unit = curve.get("unit", unit)
+    missing = [k for k in {"image": ("seed",), "batch": ("seed", "batch")}.get(unit, ()) if k not in curve]
+    if missing:
+        raise UserError(f"{where}: a {unit} curve records its {' and '.join(missing)}")
+
+
+def _check_unit_curves(path, units):
+    """A results.json's "backfill_units" as the report reads it, else a one-line UserError naming the file."""
+    if not isinstance(units, dict):
+        raise UserError(f"{path}: backfill_units: expected a mapping of refresh unit -> curve, got "
+                        f"{type(units).__name__}")
+    for unit, curve in units.items():
+        _check_curve(f"{path}: backfill_units[{unit!r}]", curve, unit)
+
+
+def gather_unit_curves(eval_dir, results=None):
     """``{dataset: {model: {unit: curve}}}`` of the results.json files holding "backfill_units" (EVAL.BACKFILL_UNITS),
-    each curve with its "auc" (computed here for a curve written without one); ``{}`` when none holds them."""
+    each curve with its "auc" (computed here for a curve written without one); ``{}`` when none holds them.
+    ``results``: the files, already read by :func:`read_eval_dir`. A malformed entry is a one-line UserError."""
     curves = {}
-    for model, result in _results(eval_dir):
-        for unit, curve in (result.get("backfill_units") or {}).items():
+    for path, model, result in read_eval_dir(eval_dir) if results is None else results:
+        units = result.get("backfill_units") or {}
+        _check_unit_curves(path, units)
+        for unit, curve in units.items():
             if "auc" not in curve and curve.get("values"):
                 curve = dict(curve, auc=area_under_curve(curve["ratios"], curve["values"]))
             curves.setdefault(result["dataset"], {}).setdefault(model, {})[unit] = curve
@@ -165,8 +193,9 @@ def write_backfill_report(eval_dir, out_prefix):
     """Write ``<out_prefix>.json`` always and ``<out_prefix>.png`` if matplotlib is available; when a
     results.json holds curves of several units, also ``<out_prefix>_units.json`` (``{dataset: {model:
     {unit: curve}}}``, each curve with its auc) and ``<out_prefix>_units.png``. Returns the paths written."""
-    curves = gather_curves(eval_dir)
-    unit_curves = gather_unit_curves(eval_dir)
+    results = read_eval_dir(eval_dir)
+    curves = gather_curves(eval_dir, results)
+    unit_curves = gather_unit_curves(eval_dir, results)
     write_json_atomic(out_prefix + ".json", curves)
     written = [out_prefix + ".json"]
     if unit_curves:

@@ -313,6 +313,41 @@ def test_no_unit_curves_no_units_files(tmp_path):
     assert not (tmp_path / "b_units.json").exists() and not (tmp_path / "b_units.png").exists()
 
 
+def test_each_results_file_is_read_once(tmp_path, monkeypatch):
+    from advbct.evaluation import backfill_report
+
+    write_json_atomic(str(tmp_path / "m" / "gldv2" / "results.json"),
+                      {"dataset": "gldv2", "backfill": curve("image", [1.0, 2.0, 3.0], seed=0),
+                       "backfill_units": {"most_changed": curve("most_changed", [1.0, 2.5, 3.0])}})
+    reads = []
+    real = backfill_report.read_results
+    monkeypatch.setattr(backfill_report, "read_results", lambda p: reads.append(p) or real(p))
+    write_backfill_report(str(tmp_path), str(tmp_path / "b"))
+    assert reads == [str(tmp_path / "m" / "gldv2" / "results.json")]
+
+
+@pytest.mark.parametrize("entries, expect", [
+    ({"backfill_units": ["image"]}, "backfill_units: expected a mapping of refresh unit -> curve, got list"),
+    ({"backfill_units": {"image": {"values": [1.0]}}},
+     "backfill_units['image']: expected a curve with lists 'ratios' and 'values' of one length"),
+    ({"backfill_units": {"image": {"ratios": [0.0, 1.0], "values": [1.0]}}},
+     "backfill_units['image']: expected a curve with lists 'ratios' and 'values' of one length"),
+    ({"backfill_units": {"batch": {"ratios": [0.0], "values": [1.0], "seed": 100}}},
+     "backfill_units['batch']: a batch curve records its batch"),
+    ({"backfill": {"ratios": [0.0], "values": [1.0, 2.0]}},
+     "backfill: expected a curve with lists 'ratios' and 'values' of one length"),
+])
+def test_a_malformed_results_file_is_refused_in_one_line(tmp_path, entries, expect):
+    """A hand-edited or truncated results.json: one line naming the file and its entry, nothing written."""
+    path = tmp_path / "eval" / "m" / "gldv2" / "results.json"
+    write_json_atomic(str(path), {"dataset": "gldv2", "backfill": curve("image", [1.0, 2.0, 3.0], seed=0),
+                                  **entries})
+    with pytest.raises(UserError) as err:
+        write_backfill_report(str(tmp_path / "eval"), str(tmp_path / "b"))
+    assert str(err.value) == f"{path}: {expect}"
+    assert not list(tmp_path.glob("b*"))
+
+
 def test_a_metric_without_a_top1_rule_records_no_flips():
     from advbct.evaluation.test_sets import GLDV2_MAP, Metric, TestSetSpec, get
 
