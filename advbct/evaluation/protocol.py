@@ -22,6 +22,7 @@ from advbct.evaluation.metrics import negative_flip_rate
 from advbct.evaluation.test_sets import TestSet  # noqa: F401  (also importable from here, as before)
 from advbct.evaluation.test_sets import headline_value  # Medium mAP (revisited) or mAP@100 (GLDv2)
 from advbct.models.basis_transform import to_new_space
+from advbct.models.loading import check_same_embedding
 from advbct.models.transformation import map_features
 
 
@@ -245,10 +246,8 @@ def evaluate_models(new_model, old_model, cfg, progress=True, test_set=None, old
         if dims != want:
             raise UserError(f"EVAL.OLD_TRANSFORM {cfg.EVAL.OLD_TRANSFORM} maps {dims[0]} -> {dims[1]} dims but the "
                             f"old model embeds to {want[0]} and the new model to {want[1]}")
-    elif old_model is not None and old_model.embed_dim != new_model.compatible_dim:
-        raise UserError(f"old model embeds to {old_model.embed_dim} dims, new model to "
-                        f"{new_model.embed_dim} (compatible on {new_model.compatible_dim}): cross-test needs "
-                        "the same embedding size")
+    elif old_model is not None:
+        check_same_embedding(new_model, old_model, cfg.NEW_MODEL.WEIGHTS, cfg.OLD_MODEL.WEIGHTS)
     new_q, new_g = embed_test_set(new_model, test_set, cfg, progress, "new")
     dist.run_on_main(check_model_features, test_set, new_q, new_g, "new", cfg.NEW_MODEL.WEIGHTS)
     old_q = old_g = None

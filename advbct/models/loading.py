@@ -94,7 +94,9 @@ def check_same_embedding(new_model, old_model, new_path, old_path):
     new_dim, old_dim = new_model.compatible_dim, old_model.embed_dim
     if new_dim != old_dim:
         what = "embeds to" if new_dim == new_model.embed_dim else "is compatible on its first"
-        raise UserError(f"new model {new_path} {what} {new_dim} dims but old model {old_path} embeds to "
+        new, old = (f"new model {new_path}" if new_path else "the new model",
+                    f"old model {old_path}" if old_path else "the old model")
+        raise UserError(f"{new} {what} {new_dim} dims but {old} embeds to "
                         f"{old_dim}: cross-test needs the same embedding size (MODEL.EMB_DIM)")
     return new_dim
 

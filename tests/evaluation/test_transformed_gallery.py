@@ -48,7 +48,7 @@ class Stub(torch.nn.Module):
     def __init__(self, dim=DIM):
         super().__init__()
         self.p = torch.nn.Parameter(torch.zeros(1))
-        self.embed_dim = dim
+        self.embed_dim = self.compatible_dim = dim
 
 
 @pytest.fixture
@@ -153,8 +153,8 @@ def test_added_dimensions_search_the_zero_padded_old_gallery(monkeypatch):
     assert result["backfill"]["values"][1] == pytest.approx(headline_value(score(ts, new_q, half)), abs=1e-12)
     with pytest.raises(UserError) as info:  # compatible on other dims than the old model's
         protocol.evaluate_models(AddedDimsStub(extra), Stub(DIM + 1), cfg_with(), progress=False, test_set=ts)
-    assert str(info.value) == (f"old model embeds to {DIM + 1} dims, new model to {DIM + extra} (compatible on "
-                               f"{DIM}): cross-test needs the same embedding size")
+    assert str(info.value) == (f"the new model is compatible on its first {DIM} dims but the old model embeds to "
+                               f"{DIM + 1}: cross-test needs the same embedding size (MODEL.EMB_DIM)")
 
 
 # ------------------------------------------------------------------------------------- run_evaluation
