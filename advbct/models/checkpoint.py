@@ -23,7 +23,7 @@ import torch
 from advbct.errors import UserError
 from advbct.io import atomic_path
 
-__all__ = ["checkpoint_embed_dim", "load_checkpoint", "load_model_weights", "save_checkpoint"]
+__all__ = ["check_finite_weights", "checkpoint_embed_dim", "load_checkpoint", "load_model_weights", "save_checkpoint"]
 
 _DDP_PREFIX = "module."
 # Original release -> our parameter names (timm ResNet names equal torchvision's; see PAPER.md "Model").
@@ -302,3 +302,13 @@ def checkpoint_embed_dim(path) -> int:
     if weight is None or weight.dim() != 2:
         raise UserError(f"{path}: no embedding layer weights found (embedding.fc.weight or projection_dim.weight)")
     return int(weight.shape[0])
+
+
+def check_finite_weights(model, path, key):
+    """Refuse a model whose loaded weights or buffers hold NaN or inf (a diverged training): its features
+    would be NaN; one line naming the config ``key``, the file and the first bad tensor."""
+    floats = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    bad = [name for name, t in floats.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(f"{key}: {path} holds NaN or inf in {len(bad)} of {len(floats)} weight tensors "
+                        f"(first: {bad[0]}); was it saved after its training diverged?")

@@ -10,7 +10,7 @@ import torch
 
 from advbct.errors import UserError
 from advbct.models.basis_transform import head_from_state
-from advbct.models.checkpoint import load_checkpoint, load_model_weights
+from advbct.models.checkpoint import check_finite_weights, load_checkpoint, load_model_weights
 from advbct.models.network import build_model
 
 __all__ = ["check_finite_weights", "check_same_embedding", "checkpoint_shapes", "load_trained_model",
@@ -75,16 +75,6 @@ def load_trained_model(arch, path, key, *, with_classifier=False, device="cpu", 
     load_model_weights(model, path, checkpoint=ckpt)
     check_finite_weights(model, path, key)
     return model.to(device)
-
-
-def check_finite_weights(model, path, key):
-    """Refuse a model whose loaded weights or buffers hold NaN or inf (a diverged training): its features
-    would be NaN; one line naming the config ``key``, the file and the first bad tensor."""
-    floats = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
-    bad = [name for name, t in floats.items() if not bool(torch.isfinite(t).all())]
-    if bad:
-        raise UserError(f"{key}: {path} holds NaN or inf in {len(bad)} of {len(floats)} weight tensors "
-                        f"(first: {bad[0]}); was it saved after its training diverged?")
 
 
 def check_same_embedding(new_model, old_model, new_path, old_path):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from advbct.errors import UserError
-from advbct.models.checkpoint import load_checkpoint, save_checkpoint
+from advbct.models.checkpoint import check_finite_weights, load_checkpoint, save_checkpoint
 
 __all__ = ["FCTTransformation", "KINDS", "ProcrustesMap", "build_transformation", "load_transformation",
            "map_features", "orthogonal_procrustes", "save_transformation"]
@@ -131,9 +131,7 @@ def load_transformation(path, key: str = "EVAL.OLD_TRANSFORM", device="cpu") -> 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{key}: {path}: weights do not fit a {kind} transformation {in_dim} -> {out_dim} "
                         f"({first})") from None
-    bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise UserError(f"{key}: {path} holds NaN or inf (first: {bad[0]})")
+    check_finite_weights(module, path, key)
     return module.eval().to(device)
 
 

@@ -177,4 +177,5 @@ def test_load_refuses_bad_files_in_one_line_naming_key_and_file(tmp_path):
     state = dict(payload["state"])
     state["mixer.1.weight"] = torch.full_like(state["mixer.1.weight"], float("nan"))
     save_checkpoint(nan, {**payload, "state": state})
-    assert refusal(nan) == f"EVAL.OLD_TRANSFORM: {nan} holds NaN or inf (first: mixer.1.weight)"
+    assert refusal(nan) == (f"EVAL.OLD_TRANSFORM: {nan} holds NaN or inf in 1 of 17 weight tensors (first: "
+                            "mixer.1.weight); was it saved after its training diverged?")
