@@ -228,7 +228,8 @@ def generation_steps(chain, python=None, extra=()):
         for k in range(2, t + 1):
             config, prev = c.config(k, method), c.run_dir(method, k - 1)
             compat = ["OLD_MODEL.WEIGHTS", f"{prev}/final.pth", "OLD_MODEL.ARCH", c.arch(k - 1)]
-            if _needs_meta(config):
+            reads_meta = _needs_meta(config)  # the config read once per generation
+            if reads_meta:
                 meta = f"{prev}/meta.pt"
                 compat += ["COMP_LOSS.META_PATH", meta]
                 if meta not in metas:  # phi1's meta: one for every method
@@ -241,7 +242,7 @@ def generation_steps(chain, python=None, extra=()):
             if earlier:
                 compat += ["OLD_MODEL.EARLIER_WEIGHTS", f"[{','.join(f'{c.run_dir(method, j)}/final.pth' for j in earlier)}]",
                            "OLD_MODEL.EARLIER_ARCHS", f"[{','.join(c.arch(j) for j in earlier)}]"]
-                if _needs_meta(config):  # each earlier generation's meta, made when its successor trained
+                if reads_meta:  # each earlier generation's meta, made when its successor trained
                     compat += ["OLD_MODEL.EARLIER_META_PATHS",
                                f"[{','.join(f'{c.run_dir(method, j)}/meta.pt' for j in earlier)}]"]
             against = f"gen1-gen{k - 1}" if earlier else f"gen{k - 1}"
