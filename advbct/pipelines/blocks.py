@@ -339,22 +339,21 @@ def _later_training(block, name):
 
 
 def _later_steps(block, rows):
-    """Train each later method's new model (the Procrustes row reuses its FCT model), fit the transformations,
-    test each row (with its transformation where it has one)."""
+    """Train each later method's new model, fit the transformations, test each row (with its transformation
+    where it has one). A method that needs a transformation (FCT) trains its new model with no term and no old
+    model, which is φ*, trained already (:func:`prepare_steps`): its rows map the old gallery into φ*'s space."""
     b, steps, tests = block, [], []
     for name, _, mapped in rows:
-        trained = name[: -len("_procrustes")] if name.endswith("_procrustes") else name
-        if trained == name:
-            steps += _later_training(b, name)
-        transform = None
+        new, transform = f"{b.out}/{name}/final.pth", None
         if mapped:
-            transform = f"{b.out}/{name}/transformation.pth"
+            new, transform = f"{b.out}/independent/final.pth", f"{b.out}/{name}/transformation.pth"
             steps.append(Step(f"{name} transformation ({b.backbone})", transform,
                               ("bash", "scripts/train_transformation.sh", f"{b.cfg}/{name}.yml", *b.data_opts,
-                               *b.compat, "NEW_MODEL.WEIGHTS", f"{b.out}/{trained}/final.pth",
-                               "NEW_MODEL.ARCH", b.new_arch, "OUTPUT", f"{b.out}/{name}"),
-                              f"{b.logs}/{name}_transformation.log"))
-        tests.append(evaluate_step(b, name, new=f"{b.out}/{trained}/final.pth", transform=transform))
+                               *b.compat, "NEW_MODEL.WEIGHTS", new, "NEW_MODEL.ARCH", b.new_arch,
+                               "OUTPUT", f"{b.out}/{name}"), f"{b.logs}/{name}_transformation.log"))
+        else:
+            steps += _later_training(b, name)
+        tests.append(evaluate_step(b, name, new=new, transform=transform))
     return steps + tests
 
 

@@ -25,7 +25,7 @@ SETS = ["rparis6k", "roxford5k", "gldv2"]
 METHODS = [("bct", "BCT"), ("lce", "LCE"), ("unibct", "UniBCT"), ("hot_refresh", "HotRefresh"), ("advbct", "AdvBCT")]
 # the rows after the paper's on a synthetic block: the methods published after AdvBCT that have a block config
 LATER = [("mixbct", "MixBCT"), ("bt2", "BT2"), ("fct", "FCT"), ("fct_procrustes", "FCT (Procrustes)")]
-LATER_STEPS = ["mixbct (r18)", "bt2 class means (r18)", "bt2 (r18)", "fct (r18)", "fct transformation (r18)",
+LATER_STEPS = ["mixbct (r18)", "bt2 class means (r18)", "bt2 (r18)", "fct transformation (r18)",
                "fct_procrustes transformation (r18)", "test mixbct", "test bt2", "test fct", "test fct_procrustes"]
 PY = "PY"
 
@@ -179,13 +179,16 @@ def test_synthetic_table_block_plan(repo_root):
                                 "OLD_MODEL.ARCH", "resnet18", "EVAL.BACKFILL", "true",
                                 "EVAL.BACKFILL_UNITS", "[image,batch,most_changed]",
                                 "EVAL.OLD_FEATURES_CACHE", f"{o}/eval/old_features"]
-    # after the paper's rows: FCT's transformations fitted on its new model, both tested with theirs
+    # after the paper's rows: FCT's new model is phi* (no term, no old model: not trained again); both of its
+    # transformations are fitted on phi* and each row is tested with its own
     fit = by_name(plan, "fct_procrustes transformation (r18)")
     assert (fit.output, list(fit.command)) == (f"{o}/fct_procrustes/transformation.pth", [
         "bash", "scripts/train_transformation.sh", "configs/synthetic/class_r18/fct_procrustes.yml", *syn, *compat,
-        "NEW_MODEL.WEIGHTS", f"{o}/fct/final.pth", "NEW_MODEL.ARCH", "resnet18", "OUTPUT", f"{o}/fct_procrustes"])
+        "NEW_MODEL.WEIGHTS", f"{o}/independent/final.pth", "NEW_MODEL.ARCH", "resnet18", "OUTPUT",
+        f"{o}/fct_procrustes"])
     ev = by_name(plan, "test fct_procrustes")
-    assert (ev.new, ev.eval_dir) == (f"{o}/fct/final.pth", f"{o}/eval/fct_procrustes")
+    assert (ev.new, ev.eval_dir) == (f"{o}/independent/final.pth", f"{o}/eval/fct_procrustes")
+    assert list(by_name(plan, "test fct").options[-2:]) == ["EVAL.OLD_TRANSFORM", f"{o}/fct/transformation.pth"]
     assert list(ev.options[-2:]) == ["EVAL.OLD_TRANSFORM", f"{o}/fct_procrustes/transformation.pth"]
     assert "EVAL.OLD_TRANSFORM" not in by_name(plan, "test mixbct").options
     # BT²: the old model's class means over the new training list (DATA.TRAIN_LIST), then phi* as its teacher
@@ -219,7 +222,7 @@ def test_every_method_and_test_set_appears_once(repo_root, alloc, backbone):
     pretrains = ["pretrain backbone (r18, ./data/synthetic-tiny/pretrain)"]
     if backbone == "r50":
         pretrains.append("pretrain backbone (r50, ./data/synthetic-tiny/pretrain)")
-    later = [m for m, _ in LATER if not m.endswith("_procrustes")]  # the Procrustes row reuses FCT's model
+    later = ["mixbct", "bt2"]  # FCT's rows reuse phi*
     assert trained == [*pretrains, f"phi* ({backbone})", *[f"{m} ({backbone})" for m, _ in METHODS],
                        *[f"{m} ({backbone})" for m in later]]
     tests = [s for s in plan if isinstance(s, EvalStep)]
