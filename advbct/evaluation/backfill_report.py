@@ -7,7 +7,8 @@ import os
 from advbct.errors import UserError
 from advbct.evaluation.backfill import area_under_curve
 from advbct.evaluation.collect import read_results
-from advbct.io import atomic_path, write_json_atomic
+from advbct.evaluation.plotting import pyplot, save_png
+from advbct.io import write_json_atomic
 
 # line style of each refresh unit in the units plot; a unit not listed here gets dash-dot
 UNIT_STYLES = {"image": "-", "batch": "--", "most_changed": ":"}
@@ -110,26 +111,6 @@ def _axis_and_labels(models):
     return XLABEL, {m: f"{labels[m]} ({modes[m] or 'unit not recorded'})" for m in models}
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(plt, fig, path, **kw):
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, **kw)  # format named: the temporary file has no .png suffix
-    finally:
-        plt.close(fig)
-    return path
-
-
 def _plot_models(plt, curves, path):
     """One panel per test set, one line per model (the curve of EVAL.BACKFILL_UNIT)."""
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
@@ -143,7 +124,7 @@ def _plot_models(plt, curves, path):
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    return _save(plt, fig, path)
+    return save_png(plt, fig, path)
 
 
 def unit_legend_labels(curves):
@@ -186,7 +167,7 @@ def _plot_units(plt, curves, path):
                fontsize=8)
     fig.legend(handles=unit_handles, title="refresh order (line style)", loc="lower left",
                bbox_to_anchor=(1.0, 0.0), fontsize=8)
-    return _save(plt, fig, path, bbox_inches="tight")  # the legends lie right of the panels
+    return save_png(plt, fig, path, bbox_inches="tight")  # the legends lie right of the panels
 
 
 def write_backfill_report(eval_dir, out_prefix):
@@ -201,7 +182,7 @@ def write_backfill_report(eval_dir, out_prefix):
     if unit_curves:
         write_json_atomic(out_prefix + "_units.json", unit_curves)
         written.append(out_prefix + "_units.json")
-    plt = _pyplot()
+    plt = pyplot()
     if plt is not None:
         written.append(_plot_models(plt, curves, out_prefix + ".png"))
         if unit_curves:

@@ -72,14 +72,11 @@ def _pairs(c) -> str:
 def write_heatmap(names, sets, path, title="") -> bool:
     """The lower triangles as annotated heat maps, one panel per test set, into the PNG ``path`` (atomically);
     False (nothing written) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from advbct.io import atomic_path
+    from advbct.evaluation.plotting import pyplot, save_png
 
+    plt = pyplot()
+    if plt is None:
+        return False
     t = len(names)
     fig, axes = plt.subplots(1, len(sets), figsize=(1.2 + 1.1 * t * len(sets) + 0.6 * len(sets), 0.9 + 0.9 * t),
                              squeeze=False)
@@ -100,11 +97,7 @@ def write_heatmap(names, sets, path, title="") -> bool:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    save_png(plt, fig, path)
     return True
 
 
